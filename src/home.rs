@@ -1,0 +1,71 @@
+//! A device's home folder (`--home H` or `DELTADRIVE_HOME`): one device's config and state,
+//! so that several devices can run on one machine.
+//!
+//! Layout (everything a device keeps lives below it):
+//! - `db/`        the RocksDB store (metadata, previous state, outbox, cursors)
+//! - `content/`   file content, one file per object, named by object id
+//! - `device.json` the device's login: server URL, user, device name, token (0600)
+//! - `mount.log`  the mount daemon's log when it runs in the background
+//! - `mount.pid`  the pid of the running mount daemon
+
+use std::path::{Path, PathBuf};
+
+/// The resolved home folder of one device.
+#[derive(Clone, Debug)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// `explicit` (from `--home` or `DELTADRIVE_HOME`, which clap merges), else
+    /// `$XDG_DATA_HOME/deltadrive`, else `~/.local/share/deltadrive`.
+    pub fn resolve(explicit: Option<&Path>) -> anyhow::Result<Home> {
+        let root = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+                    PathBuf::from(x).join("deltadrive")
+                } else if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+                    PathBuf::from(h).join(".local/share/deltadrive")
+                } else {
+                    anyhow::bail!("no --home given and neither DELTADRIVE_HOME nor HOME is set")
+                }
+            }
+        };
+        let root = if root.is_absolute() {
+            root
+        } else {
+            std::env::current_dir()?.join(root)
+        };
+        Ok(Home { root })
+    }
+
+    /// Creates the folder (0700) if it does not exist yet.
+    pub fn create(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|e| anyhow::anyhow!("cannot create home {}: {e}", self.root.display()))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn db_dir(&self) -> PathBuf {
+        self.root.join("db")
+    }
+    pub fn content_dir(&self) -> PathBuf {
+        self.root.join("content")
+    }
+    pub fn device_file(&self) -> PathBuf {
+        self.root.join("device.json")
+    }
+    pub fn mount_log(&self) -> PathBuf {
+        self.root.join("mount.log")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.root.join("mount.pid")
+    }
+}

@@ -1,0 +1,12 @@
+//! deltadrive: a FUSE-mounted synchronized folder.
+//!
+//! One folder a concept (see `docs/architecture.md`):
+//! - [`changelog`]: the universal change-log format. Pure.
+//! - [`store`]: the device's RocksDB store behind a narrow facade.
+//! - [`fs`]: the fuser adapter over the store.
+//! - [`cli`]: the command-line contract; `main.rs` stays thin.
+
+pub mod changelog;
+pub mod cli;
+pub mod home;
+pub mod logging;
