@@ -8,5 +8,7 @@
 
 pub mod changelog;
 pub mod cli;
+pub mod fs;
 pub mod home;
 pub mod logging;
+pub mod store;

@@ -1,6 +1,8 @@
 //! Logging set-up: `tracing` with an `EnvFilter` read from `DELTADRIVE_LOG` (else `RUST_LOG`,
 //! else `info`), written to standard error.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber once; later calls do nothing.
@@ -13,5 +15,6 @@ pub fn init() {
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -1,36 +1,273 @@
 //! `deltadrive mount`, `unmount` and `status`.
+//!
+//! `mount` without `--foreground` starts itself again in the background (a new session,
+//! output to `H/mount.log`) and returns only when that daemon reports the mount ready, or
+//! with the daemon's own error line if it failed.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{HomeArg, StatusArgs};
+use crate::fs::mount::{is_deltadrive_mount, lazy_unmount, PidRecord};
+use crate::fs::FsOptions;
+use crate::home::Home;
+
+/// Set in the background daemon: the fd on which it reports readiness or its error.
+const READY_FD_ENV: &str = "DELTADRIVE_READY_FD";
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// An existing empty folder to mount the synced folder on
+    /// An existing folder to mount the synced folder on
     pub mountpoint: PathBuf,
     #[command(flatten)]
     pub home: HomeArg,
     /// Stay in the foreground instead of returning once the mount is ready
     #[arg(long)]
     pub foreground: bool,
+    /// Let the kernel cache writes (faster small writes; data reaches the store at
+    /// close, fsync or when the kernel flushes)
+    #[arg(long)]
+    pub writeback_cache: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct UnmountArgs {
     /// The mounted folder
     pub mountpoint: PathBuf,
+    /// Seconds to wait for the daemon to finish after unmounting
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
 }
 
-pub fn mount(_args: MountArgs) -> anyhow::Result<()> {
-    anyhow::bail!("mount: being written (issue #2)")
+pub fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let home = Home::resolve(args.home.home.as_deref())?;
+    let options = FsOptions {
+        writeback_cache: args.writeback_cache,
+    };
+    if args.foreground {
+        let ready_fd = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok());
+        // SAFETY: the fd was created for us by the parent and is used only here.
+        let mut ready = ready_fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        let result = crate::fs::mount::run(&home, &args.mountpoint, options, || {
+            if let Some(mut f) = ready.take() {
+                let _ = f.write_all(b"ready\n");
+            }
+        });
+        if let (Err(e), Some(mut f)) = (&result, ready) {
+            let _ = writeln!(f, "error: {e:#}");
+        }
+        return result;
+    }
+    spawn_daemon(&home, &args)
 }
 
-pub fn unmount(_args: UnmountArgs) -> anyhow::Result<()> {
-    anyhow::bail!("unmount: being written (issue #2)")
+fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
+    if !args.mountpoint.is_dir() {
+        bail!(
+            "mount point {} is not an existing folder",
+            args.mountpoint.display()
+        );
+    }
+    home.create()?;
+    let mountpoint = args.mountpoint.canonicalize()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.mount_log())
+        .with_context(|| format!("opening {}", home.mount_log().display()))?;
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid out-array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: pipe2 just returned these two fresh fds; each is owned exactly once.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let child_fd = fds[1];
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("mount")
+        .arg(&mountpoint)
+        .arg("--foreground")
+        .arg("--home")
+        .arg(home.root());
+    if args.writeback_cache {
+        cmd.arg("--writeback-cache");
+    }
+    cmd.env(READY_FD_ENV, child_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            let flags = libc::fcntl(child_fd, libc::F_GETFD);
+            libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(write_end);
+    let mut reader = BufReader::new(std::fs::File::from(read_end));
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.trim() == "ready" {
+        println!("mounted {} (pid {})", mountpoint.display(), child.id());
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let msg = line
+        .trim()
+        .strip_prefix("error: ")
+        .unwrap_or(line.trim())
+        .to_string();
+    if msg.is_empty() {
+        bail!(
+            "the mount daemon exited ({status}) before the mount was ready; see {}",
+            home.mount_log().display()
+        );
+    }
+    bail!("{msg}")
 }
 
-pub fn status(_args: StatusArgs) -> anyhow::Result<()> {
-    anyhow::bail!("status: being written (issue #2)")
+pub fn unmount(args: UnmountArgs) -> anyhow::Result<()> {
+    let mp = &args.mountpoint;
+    if !is_deltadrive_mount(mp) {
+        bail!("{} is not a deltadrive mount", mp.display());
+    }
+    let mp = mp.canonicalize()?;
+    let daemon = find_daemon(&mp);
+    let out = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mp)
+        .output()
+        .context("running fusermount3 (install the fuse3 package)")?;
+    let mut lazy = false;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("busy") {
+            lazy_unmount(&mp);
+            lazy = true;
+        } else {
+            bail!("unmounting {} failed: {}", mp.display(), err.trim());
+        }
+    }
+    if is_deltadrive_mount(&mp) {
+        bail!("{} is still mounted", mp.display());
+    }
+    if lazy {
+        println!(
+            "unmounted {} (files still open there keep working until closed)",
+            mp.display()
+        );
+        return Ok(());
+    }
+    if let Some(pid) = daemon {
+        let deadline = Instant::now() + Duration::from_secs(args.timeout);
+        // SAFETY: signal 0 only probes for the process.
+        while unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    println!("unmounted {}", mp.display());
+    Ok(())
+}
+
+/// The pid of the daemon serving `mountpoint`, found through its command line.
+fn find_daemon(mountpoint: &Path) -> Option<u32> {
+    let me = std::fs::read_dir("/proc").ok()?;
+    for e in me.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_mount =
+            args.iter().any(|a| *a == b"mount") && args.iter().any(|a| *a == b"--foreground");
+        let names_mp = args
+            .iter()
+            .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == mountpoint);
+        if is_mount && names_mp {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[derive(serde::Serialize)]
+struct StatusReport {
+    home: PathBuf,
+    mounted: bool,
+    mountpoint: Option<PathBuf>,
+    pid: Option<u32>,
+    logged_in: bool,
+    server: Option<String>,
+    online: Option<bool>,
+    pending_uploads: Pending,
+    last_sync: Option<String>,
+    conflicts: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Pending {
+    count: u64,
+    bytes: u64,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let home = Home::resolve(args.home.home.as_deref())?;
+    let rec = PidRecord::read(&home).filter(|r| r.alive() && is_deltadrive_mount(&r.mountpoint));
+    let device: Option<serde_json::Value> = std::fs::read(home.device_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let server = device
+        .as_ref()
+        .and_then(|d| d.get("server").and_then(|s| s.as_str()).map(str::to_string));
+    let report = StatusReport {
+        home: home.root().to_path_buf(),
+        mounted: rec.is_some(),
+        mountpoint: rec.as_ref().map(|r| r.mountpoint.clone()),
+        pid: rec.as_ref().map(|r| r.pid),
+        logged_in: device.is_some(),
+        server,
+        online: None,
+        pending_uploads: Pending { count: 0, bytes: 0 },
+        last_sync: None,
+        conflicts: Vec::new(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("home:            {}", report.home.display());
+    match (&report.mountpoint, report.pid) {
+        (Some(mp), Some(pid)) => println!("mounted:         {} (pid {pid})", mp.display()),
+        _ => println!("mounted:         no"),
+    }
+    match &report.server {
+        Some(s) => println!("server:          {s}"),
+        None => println!("server:          not logged in (deltadrive login)"),
+    }
+    println!(
+        "pending uploads: {} ({} bytes)",
+        report.pending_uploads.count, report.pending_uploads.bytes
+    );
+    println!(
+        "last sync:       {}",
+        report.last_sync.as_deref().unwrap_or("never")
+    );
+    println!("conflicts:       {}", report.conflicts.len());
+    Ok(())
 }

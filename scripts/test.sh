@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The project's whole test run: formatting, lints, unit and integration tests (real FUSE
+# mounts, real RocksDB), and the POSIX suite against a mount. Needs root and the packages
+# from packaging/install-deps.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked -- --test-threads 2
+echo "== pjdfstest against a mount"
+bash tests/pjdfstest.sh

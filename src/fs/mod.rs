@@ -1,0 +1,1231 @@
+//! The fuser adapter: translates kernel requests into store operations.
+//!
+//! What it owns: the open-file and open-folder handles, the per-inode open counts, and the
+//! mapping of every failure to an errno (in [`errors`], one place).
+//!
+//! What always holds:
+//! - It never waits on the network: every request is served from the local store.
+//! - Namespace and attribute changes run under one metadata lock and commit as one store
+//!   batch, so each request's effect is all-or-nothing, also across a crash.
+//! - File data goes straight to the object's content file with `pread`/`pwrite`, outside
+//!   the metadata lock, so data I/O of different files (and readers of one file) run in
+//!   parallel on the session's threads.
+//! - An inode unlinked while open stays readable and writable through its open handles and
+//!   is removed at its last close (or at the next start, after a crash).
+
+mod attr;
+mod errors;
+pub mod mount;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::changelog::ObjectId;
+use crate::store::{FileKind, Inode, Store, Timespec};
+use errors::FsResult;
+
+/// The largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+/// Longest name in a folder, in bytes.
+pub const NAME_MAX: usize = 255;
+/// Largest extended attribute value (as ext4).
+const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// How long the kernel may cache attributes and entries. Remote changes invalidate
+/// explicitly, so this only bounds staleness if an invalidation is ever missed.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Tunables of one mount.
+#[derive(Clone, Debug, Default)]
+pub struct FsOptions {
+    /// Let the kernel cache writes and send them in large batches.
+    pub writeback_cache: bool,
+}
+
+
+struct FileHandleState {
+    file: Arc<File>,
+}
+
+/// The mounted file system.
+pub struct DeltaFs {
+    store: Arc<Store>,
+    options: FsOptions,
+    /// Serializes namespace and attribute changes (read-modify-write of inodes).
+    meta: Mutex<()>,
+    files: Mutex<HashMap<u64, FileHandleState>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    /// Open handles per inode, for unlinked-but-open files.
+    open_count: Mutex<HashMap<u64, u32>>,
+    next_fh: AtomicU64,
+}
+
+#[derive(Clone)]
+struct DirItem {
+    name: Vec<u8>,
+    ino: u64,
+    kind: FileKind,
+}
+
+fn name_bytes(name: &OsStr) -> FsResult<&[u8]> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    Ok(b)
+}
+
+fn resolve_time(t: TimeOrNow, now: Timespec) -> Timespec {
+    match t {
+        TimeOrNow::Now => now,
+        TimeOrNow::SpecificTime(s) => Timespec::from_system(s),
+    }
+}
+
+/// Whether `uid` may act on `gid` as a member (primary or supplementary group of `pid`).
+fn in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().any(|x| x.parse::<u32>() == Ok(gid)))
+        .unwrap_or(false)
+}
+
+impl DeltaFs {
+    pub fn new(store: Arc<Store>, options: FsOptions) -> DeltaFs {
+        DeltaFs {
+            store,
+            options,
+            meta: Mutex::new(()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            open_count: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.meta.lock()
+    }
+
+    fn inode(&self, ino: u64) -> FsResult<Inode> {
+        self.store.get_inode(ino)?.ok_or(Errno::ENOENT)
+    }
+
+    fn dir_inode(&self, ino: u64) -> FsResult<Inode> {
+        let i = self.inode(ino)?;
+        if i.kind != FileKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(i)
+    }
+
+    fn attr(&self, inode: &Inode) -> fuser::FileAttr {
+        let blocks = if inode.kind == FileKind::File {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(self.store.content_path(&inode.object))
+                .map(|m| m.blocks())
+                .unwrap_or(inode.size.div_ceil(512))
+        } else {
+            inode.size.div_ceil(512)
+        };
+        attr::file_attr(inode, blocks)
+    }
+
+    fn open_handle(&self, ino: u64, file: File) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(
+            fh,
+            FileHandleState {
+                file: Arc::new(file),
+            },
+        );
+        *self.open_count.lock().entry(ino).or_insert(0) += 1;
+        fh
+    }
+
+    fn handle_file(&self, fh: u64) -> FsResult<Arc<File>> {
+        self.files
+            .lock()
+            .get(&fh)
+            .map(|h| h.file.clone())
+            .ok_or(Errno::EBADF)
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        self.open_count.lock().get(&ino).copied().unwrap_or(0) > 0
+    }
+
+    /// Makes a new inode of `kind` named `name` in `parent`, in one batch.
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        symlink: &[u8],
+    ) -> FsResult<Inode> {
+        let name = name_bytes(name)?;
+        let _g = self.lock();
+        let mut p = self.dir_inode(parent)?;
+        if p.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if self.store.lookup(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let now = Timespec::now();
+        let mut perm = (mode & !umask & 0o7777) as u16;
+        let mut gid = req.gid();
+        if p.perm & libc::S_ISGID as u16 != 0 {
+            gid = p.gid;
+            if kind == FileKind::Directory {
+                perm |= libc::S_ISGID as u16;
+            }
+        }
+        if kind != FileKind::Directory
+            && perm & libc::S_ISGID as u16 != 0
+            && req.uid() != 0
+            && !in_group(req, gid)
+        {
+            perm &= !(libc::S_ISGID as u16);
+        }
+        if kind == FileKind::Symlink {
+            perm = 0o777;
+        }
+        let mut b = self.store.batch();
+        let ino = self.store.allocate_ino(&mut b);
+        let inode = Inode {
+            ino,
+            object: ObjectId::random(),
+            kind,
+            perm,
+            uid: req.uid(),
+            gid,
+            nlink: if kind == FileKind::Directory { 2 } else { 1 },
+            size: if kind == FileKind::Symlink {
+                symlink.len() as u64
+            } else {
+                0
+            },
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev,
+            parent,
+            flags: 0,
+            symlink: symlink.to_vec(),
+        };
+        if kind == FileKind::Directory {
+            p.nlink += 1;
+        }
+        p.mtime = now;
+        p.ctime = now;
+        b.put_inode(&inode);
+        b.put_inode(&p);
+        b.put_dirent(parent, name, ino, kind);
+        self.store.commit(b, false)?;
+        Ok(inode)
+    }
+
+    /// Drops one link of `child` (already removed from its folder in `b`); deletes the
+    /// inode and its content when no link and no open handle remains.
+    fn drop_link(
+        &self,
+        b: &mut crate::store::Batch<'_>,
+        child: &mut Inode,
+        now: Timespec,
+    ) -> FsResult<bool> {
+        child.ctime = now;
+        if child.kind == FileKind::Directory {
+            child.nlink = 0;
+        } else {
+            child.nlink = child.nlink.saturating_sub(1);
+        }
+        if child.nlink > 0 {
+            b.put_inode(child);
+            return Ok(false);
+        }
+        if self.is_open(child.ino) {
+            b.put_inode(child);
+            b.mark_orphan(child.ino);
+            Ok(false)
+        } else {
+            b.delete_inode(child)?;
+            Ok(true)
+        }
+    }
+
+    fn do_unlink(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
+        let name = name_bytes(name)?;
+        let _g = self.lock();
+        let mut p = self.dir_inode(parent)?;
+        let (ino, kind) = self.store.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
+        let mut child = self.inode(ino)?;
+        if dir {
+            if kind != FileKind::Directory {
+                return Err(Errno::ENOTDIR);
+            }
+            if !self.store.dir_is_empty(ino)? {
+                return Err(Errno::ENOTEMPTY);
+            }
+            p.nlink = p.nlink.saturating_sub(1);
+        } else if kind == FileKind::Directory {
+            return Err(Errno::EISDIR);
+        }
+        let now = Timespec::now();
+        p.mtime = now;
+        p.ctime = now;
+        let mut b = self.store.batch();
+        b.delete_dirent(parent, name);
+        b.put_inode(&p);
+        let gone = self.drop_link(&mut b, &mut child, now)?;
+        self.store.commit(b, false)?;
+        if gone {
+            self.store.remove_content(&child.object)?;
+        }
+        Ok(())
+    }
+
+    fn do_rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        let name = name_bytes(name)?;
+        let newname = name_bytes(newname)?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return Err(Errno::EINVAL);
+        }
+        let _g = self.lock();
+        let (src_ino, src_kind) = self.store.lookup(parent, name)?.ok_or(Errno::ENOENT)?;
+        let target = self.store.lookup(newparent, newname)?;
+        let now = Timespec::now();
+        let mut b = self.store.batch();
+        // Parents are loaded once each; when they are the same folder, one record.
+        let mut p_old = self.dir_inode(parent)?;
+        let mut p_new = if newparent == parent {
+            None
+        } else {
+            Some(self.dir_inode(newparent)?)
+        };
+        let mut src = self.inode(src_ino)?;
+        let mut removed_object = None;
+
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            let (dst_ino, dst_kind) = target.ok_or(Errno::ENOENT)?;
+            let mut dst = self.inode(dst_ino)?;
+            b.put_dirent(parent, name, dst_ino, dst_kind);
+            b.put_dirent(newparent, newname, src_ino, src_kind);
+            if let Some(pn) = p_new.as_mut() {
+                let src_dir = src_kind == FileKind::Directory;
+                let dst_dir = dst_kind == FileKind::Directory;
+                if src_dir && !dst_dir {
+                    p_old.nlink -= 1;
+                    pn.nlink += 1;
+                } else if dst_dir && !src_dir {
+                    p_old.nlink += 1;
+                    pn.nlink -= 1;
+                }
+                if src_dir {
+                    src.parent = newparent;
+                }
+                if dst_dir {
+                    dst.parent = parent;
+                }
+            }
+            dst.ctime = now;
+            b.put_inode(&dst);
+        } else {
+            if let Some((dst_ino, dst_kind)) = target {
+                if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                    return Err(Errno::EEXIST);
+                }
+                if dst_ino == src_ino {
+                    // Two links to one inode: POSIX says do nothing.
+                    return Ok(());
+                }
+                let mut dst = self.inode(dst_ino)?;
+                if src_kind == FileKind::Directory {
+                    if dst_kind != FileKind::Directory {
+                        return Err(Errno::ENOTDIR);
+                    }
+                    if !self.store.dir_is_empty(dst_ino)? {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                    p_new.as_mut().unwrap_or(&mut p_old).nlink -= 1;
+                } else if dst_kind == FileKind::Directory {
+                    return Err(Errno::EISDIR);
+                }
+                if self.drop_link(&mut b, &mut dst, now)? {
+                    removed_object = Some(dst.object);
+                }
+            }
+            b.delete_dirent(parent, name);
+            b.put_dirent(newparent, newname, src_ino, src_kind);
+            if src_kind == FileKind::Directory {
+                if let Some(pn) = p_new.as_mut() {
+                    p_old.nlink -= 1;
+                    pn.nlink += 1;
+                    src.parent = newparent;
+                }
+            }
+        }
+        src.ctime = now;
+        b.put_inode(&src);
+        p_old.mtime = now;
+        p_old.ctime = now;
+        b.put_inode(&p_old);
+        if let Some(mut pn) = p_new {
+            pn.mtime = now;
+            pn.ctime = now;
+            b.put_inode(&pn);
+        }
+        self.store.commit(b, false)?;
+        if let Some(o) = removed_object {
+            self.store.remove_content(&o)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        req: &Request,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> FsResult<Inode> {
+        let _g = self.lock();
+        let mut i = self.inode(ino)?;
+        let now = Timespec::now();
+        let mut changed = false;
+        if let Some(m) = mode {
+            let mut perm = (m & 0o7777) as u16;
+            // A non-owner group member may not keep setgid on a file it cannot use as group.
+            if req.uid() != 0
+                && i.kind != FileKind::Directory
+                && perm & libc::S_ISGID as u16 != 0
+                && !in_group(req, gid.unwrap_or(i.gid))
+            {
+                perm &= !(libc::S_ISGID as u16);
+            }
+            i.perm = perm;
+            changed = true;
+        }
+        if uid.is_some() || gid.is_some() {
+            let new_uid = uid.unwrap_or(i.uid);
+            let new_gid = gid.unwrap_or(i.gid);
+            if (new_uid != i.uid || new_gid != i.gid)
+                && i.kind != FileKind::Directory
+                && req.uid() != 0
+            {
+                // As ext4: a chown by a non-root caller clears setuid and setgid.
+                i.perm &= !((libc::S_ISUID | libc::S_ISGID) as u16);
+            }
+            i.uid = new_uid;
+            i.gid = new_gid;
+            changed = true;
+        }
+        if let Some(sz) = size {
+            if i.kind == FileKind::Directory {
+                return Err(Errno::EISDIR);
+            }
+            if i.kind != FileKind::File {
+                return Err(Errno::EINVAL);
+            }
+            let file = match fh {
+                Some(fh) => self.handle_file(fh.0).ok(),
+                None => None,
+            };
+            match file {
+                Some(f) => f.set_len(sz)?,
+                None => self.store.open_content(&i.object, true)?.set_len(sz)?,
+            }
+            i.size = sz;
+            i.mtime = now;
+            changed = true;
+        }
+        if let Some(t) = atime {
+            i.atime = resolve_time(t, now);
+            changed = true;
+        }
+        if let Some(t) = mtime {
+            i.mtime = resolve_time(t, now);
+            changed = true;
+        }
+        if changed {
+            i.ctime = now;
+            let mut b = self.store.batch();
+            b.put_inode(&i);
+            self.store.commit(b, false)?;
+        }
+        Ok(i)
+    }
+
+    fn do_open(&self, ino: u64, _flags: OpenFlags) -> FsResult<u64> {
+        let i = self.inode(ino)?;
+        match i.kind {
+            FileKind::Directory => return Err(Errno::EISDIR),
+            FileKind::File => {}
+            _ => return Err(Errno::EINVAL),
+        }
+        let file = self.store.open_content(&i.object, true)?;
+        // A crash can leave content past the committed size: never let it show.
+        if file.metadata()?.len() > i.size {
+            file.set_len(i.size)?;
+        }
+        Ok(self.open_handle(ino, file))
+    }
+
+    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = self.handle_file(fh)?;
+        file.write_all_at(data, offset)?;
+        let end = offset + data.len() as u64;
+        let _g = self.lock();
+        let mut i = self.inode(ino)?;
+        let now = Timespec::now();
+        if end > i.size {
+            i.size = end;
+        }
+        i.mtime = now;
+        i.ctime = now;
+        let mut b = self.store.batch();
+        b.put_inode(&i);
+        self.store.commit(b, false)?;
+        Ok(data.len() as u32)
+    }
+
+    fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
+        self.files.lock().remove(&fh);
+        let last = {
+            let mut oc = self.open_count.lock();
+            let n = oc.entry(ino).or_insert(1);
+            *n -= 1;
+            if *n == 0 {
+                oc.remove(&ino);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            let _g = self.lock();
+            if let Some(i) = self.store.get_inode(ino)? {
+                if i.nlink == 0 && !self.is_open(ino) {
+                    let mut b = self.store.batch();
+                    b.delete_inode(&i)?;
+                    b.clear_orphan(ino);
+                    self.store.commit(b, false)?;
+                    self.store.remove_content(&i.object)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dir_items(&self, ino: u64) -> FsResult<Vec<DirItem>> {
+        let i = self.dir_inode(ino)?;
+        let mut items = vec![
+            DirItem {
+                name: b".".to_vec(),
+                ino,
+                kind: FileKind::Directory,
+            },
+            DirItem {
+                name: b"..".to_vec(),
+                ino: i.parent,
+                kind: FileKind::Directory,
+            },
+        ];
+        items.extend(self.store.list_dir(ino)?.into_iter().map(|e| DirItem {
+            name: e.name,
+            ino: e.ino,
+            kind: e.kind,
+        }));
+        Ok(items)
+    }
+
+    /// The folder listing of an open folder handle; offset 0 takes a fresh snapshot.
+    fn dir_snapshot(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Arc<Vec<DirItem>>> {
+        if offset == 0 {
+            let items = Arc::new(self.dir_items(ino)?);
+            self.dirs.lock().insert(fh, items.clone());
+            return Ok(items);
+        }
+        if let Some(items) = self.dirs.lock().get(&fh) {
+            return Ok(items.clone());
+        }
+        Ok(Arc::new(self.dir_items(ino)?))
+    }
+
+    fn do_setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let name = name.as_bytes();
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(Errno::E2BIG);
+        }
+        let _g = self.lock();
+        let mut i = self.inode(ino)?;
+        let exists = self.store.get_xattr(ino, name)?.is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(Errno::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(Errno::NO_XATTR);
+        }
+        i.ctime = Timespec::now();
+        let mut b = self.store.batch();
+        b.put_xattr(ino, name, value);
+        b.put_inode(&i);
+        self.store.commit(b, false)?;
+        Ok(())
+    }
+
+    fn do_removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        let name = name.as_bytes();
+        check_xattr_name(name)?;
+        let _g = self.lock();
+        let mut i = self.inode(ino)?;
+        if self.store.get_xattr(ino, name)?.is_none() {
+            return Err(Errno::NO_XATTR);
+        }
+        i.ctime = Timespec::now();
+        let mut b = self.store.batch();
+        b.delete_xattr(ino, name);
+        b.put_inode(&i);
+        self.store.commit(b, false)?;
+        Ok(())
+    }
+
+    fn do_fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let file = self.handle_file(fh)?;
+        let _g = self.lock();
+        let mut i = self.inode(ino)?;
+        // SAFETY: a valid open fd and plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let now = Timespec::now();
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            i.size = i.size.max(offset + length);
+        }
+        if mode != 0 {
+            i.mtime = now;
+        }
+        i.ctime = now;
+        let mut b = self.store.batch();
+        b.put_inode(&i);
+        self.store.commit(b, false)?;
+        Ok(())
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(Errno::ERANGE);
+    }
+    const NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
+    if !NAMESPACES.iter().any(|ns| name.starts_with(ns)) {
+        return Err(Errno::ENOTSUP);
+    }
+    if name.starts_with(b"system.") {
+        // No POSIX ACLs or other system attributes.
+        return Err(Errno::ENOTSUP);
+    }
+    Ok(())
+}
+
+/// Replies to getxattr/listxattr: the size when asked for 0 bytes, ERANGE when too small.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for DeltaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let mut want = fuser::InitFlags::FUSE_PARALLEL_DIROPS
+            | fuser::InitFlags::FUSE_DO_READDIRPLUS
+            | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+            | fuser::InitFlags::FUSE_CACHE_SYMLINKS
+            | fuser::InitFlags::FUSE_ASYNC_DIO;
+        if self.options.writeback_cache {
+            want |= fuser::InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        let _ = config.add_capabilities(want & config.capabilities());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = (|| {
+            let name = name_bytes(name)?;
+            let (ino, _) = self.store.lookup(parent.0, name)?.ok_or(Errno::ENOENT)?;
+            self.inode(ino)
+        })();
+        match r {
+            Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino.0) {
+            Ok(i) => reply.attr(&TTL, &self.attr(&i)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(req, ino.0, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(i) => reply.attr(&TTL, &self.attr(&i)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inode(ino.0) {
+            Ok(i) if i.kind == FileKind::Symlink => reply.data(&i.symlink),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = FileKind::from_mode(mode) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        if kind == FileKind::Directory || kind == FileKind::Symlink {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        match self.make_node(req, parent.0, name, kind, mode, umask, rdev, &[]) {
+            Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.make_node(
+            req,
+            parent.0,
+            name,
+            FileKind::Directory,
+            mode,
+            umask,
+            0,
+            &[],
+        ) {
+            Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        errors::reply_empty(reply, self.do_unlink(parent.0, name, false));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        errors::reply_empty(reply, self.do_unlink(parent.0, name, true));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = target.as_os_str().as_bytes();
+        if target.len() > libc::PATH_MAX as usize {
+            reply.error(Errno::ENAMETOOLONG);
+            return;
+        }
+        match self.make_node(
+            req,
+            parent.0,
+            link_name,
+            FileKind::Symlink,
+            0o777,
+            0,
+            0,
+            target,
+        ) {
+            Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        errors::reply_empty(
+            reply,
+            self.do_rename(parent.0, name, newparent.0, newname, flags),
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let newname = name_bytes(newname)?;
+            let _g = self.lock();
+            let mut p = self.dir_inode(newparent.0)?;
+            let mut i = self.inode(ino.0)?;
+            if i.kind == FileKind::Directory {
+                return Err(Errno::EPERM);
+            }
+            if self.store.lookup(newparent.0, newname)?.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            if i.nlink == 0 {
+                return Err(Errno::ENOENT);
+            }
+            let now = Timespec::now();
+            i.nlink += 1;
+            i.ctime = now;
+            p.mtime = now;
+            p.ctime = now;
+            let mut b = self.store.batch();
+            b.put_dirent(newparent.0, newname, i.ino, i.kind);
+            b.put_inode(&i);
+            b.put_inode(&p);
+            self.store.commit(b, false)?;
+            Ok(i)
+        })();
+        match r {
+            Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino.0, flags) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = (|| {
+            let file = self.handle_file(fh.0)?;
+            let mut buf = vec![0u8; size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                match file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Errno::from(e)),
+                }
+            }
+            buf.truncate(done);
+            Ok(buf)
+        })();
+        match r {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        errors::reply_empty(reply, self.do_release(ino.0, fh.0));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let file = self.handle_file(fh.0)?;
+            if datasync {
+                file.sync_data()?;
+            } else {
+                file.sync_all()?;
+            }
+            self.store.sync_wal()?;
+            Ok(())
+        })();
+        errors::reply_empty(reply, r);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.dir_inode(ino.0) {
+            Ok(_) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.dir_snapshot(ino.0, fh.0, offset) {
+            Ok(items) => {
+                for (idx, it) in items.iter().enumerate().skip(offset as usize) {
+                    let full = reply.add(
+                        INodeNo(it.ino),
+                        idx as u64 + 1,
+                        attr::fuse_kind(it.kind),
+                        OsStr::from_bytes(&it.name),
+                    );
+                    if full {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.dir_snapshot(ino.0, fh.0, offset) {
+            Ok(items) => {
+                for (idx, it) in items.iter().enumerate().skip(offset as usize) {
+                    let Ok(Some(inode)) = self.store.get_inode(it.ino) else {
+                        continue;
+                    };
+                    let full = reply.add(
+                        INodeNo(it.ino),
+                        idx as u64 + 1,
+                        OsStr::from_bytes(&it.name),
+                        &TTL,
+                        &self.attr(&inode),
+                        Generation(0),
+                    );
+                    if full {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        errors::reply_empty(reply, self.store.sync_wal().map_err(Errno::from));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.store.disk_space() {
+            Ok(st) => {
+                let frsize = st.f_frsize.max(1);
+                reply.statfs(
+                    st.f_blocks,
+                    st.f_bfree,
+                    st.f_bavail,
+                    st.f_files,
+                    st.f_ffree,
+                    frsize as u32,
+                    NAME_MAX as u32,
+                    frsize as u32,
+                );
+            }
+            Err(e) => reply.error(e.into()),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        errors::reply_empty(reply, self.do_setxattr(ino.0, name, value, flags));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = (|| {
+            let name = name.as_bytes();
+            check_xattr_name(name)?;
+            self.inode(ino.0)?;
+            self.store.get_xattr(ino.0, name)?.ok_or(Errno::NO_XATTR)
+        })();
+        match r {
+            Ok(v) => reply_xattr(reply, size, &v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = (|| {
+            self.inode(ino.0)?;
+            let mut out = Vec::new();
+            for n in self.store.list_xattrs(ino.0)? {
+                out.extend_from_slice(&n);
+                out.push(0);
+            }
+            Ok(out)
+        })();
+        match r {
+            Ok(v) => reply_xattr(reply, size, &v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        errors::reply_empty(reply, self.do_removexattr(ino.0, name));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions (default_permissions); this only confirms existence.
+        errors::reply_empty(reply, self.inode(ino.0).map(|_| ()));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = (|| {
+            let kind = FileKind::from_mode(mode).ok_or(Errno::EINVAL)?;
+            if kind != FileKind::File {
+                return Err(Errno::EINVAL);
+            }
+            let i = self.make_node(req, parent.0, name, FileKind::File, mode, umask, 0, &[])?;
+            let fh = self.do_open(i.ino, OpenFlags(flags))?;
+            Ok((i, fh))
+        })();
+        match r {
+            Ok((i, fh)) => reply.created(
+                &TTL,
+                &self.attr(&i),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        errors::reply_empty(reply, self.do_fallocate(ino.0, fh.0, offset, length, mode));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let r = (|| {
+            let file = self.handle_file(fh.0)?;
+            // SAFETY: a valid open fd; SEEK_DATA/SEEK_HOLE are answered by the content file.
+            let pos = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+            if pos < 0 {
+                return Err(Errno::from(std::io::Error::last_os_error()));
+            }
+            Ok(pos)
+        })();
+        match r {
+            Ok(p) => reply.offset(p),
+            Err(e) => reply.error(e),
+        }
+    }
+}

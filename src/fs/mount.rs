@@ -1,0 +1,230 @@
+//! Running a mount: open the store, mount, say "ready", serve until unmounted or told to
+//! stop, then unmount and close the store cleanly.
+//!
+//! What always holds: readiness is announced only after the kernel's INIT handshake is
+//! done (fuser's `Session::new` performs it), so a caller that waited for readiness can
+//! use the folder at once. On SIGTERM, SIGINT or SIGHUP the folder is unmounted; if it is
+//! busy it is detached lazily and the daemon exits when the kernel lets go of it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use super::{DeltaFs, FsOptions};
+use crate::home::Home;
+use crate::store::Store;
+
+/// How many kernel requests are served at once.
+const SESSION_THREADS: usize = 4;
+
+/// Where a running mount is recorded, so `status` and `unmount` can find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PidRecord {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+}
+
+impl PidRecord {
+    pub fn read(home: &Home) -> Option<PidRecord> {
+        let text = std::fs::read_to_string(home.pid_file()).ok()?;
+        let mut lines = text.lines();
+        let pid = lines.next()?.trim().parse().ok()?;
+        let mountpoint = PathBuf::from(lines.next()?);
+        Some(PidRecord { pid, mountpoint })
+    }
+
+    /// Whether the recorded process still runs.
+    pub fn alive(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(self.pid as libc::pid_t, 0) == 0 }
+    }
+}
+
+/// Whether `path` is a mount point of a deltadrive file system right now.
+pub fn is_deltadrive_mount(path: &Path) -> bool {
+    let Ok(path) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-");
+        let fstype = sep.and_then(|s| f.get(s + 1)).copied().unwrap_or("");
+        let source = sep.and_then(|s| f.get(s + 2)).copied().unwrap_or("");
+        let ours =
+            fstype == "fuse.deltadrive" || (fstype.starts_with("fuse") && source == "deltadrive");
+        ours && f
+            .get(4)
+            .is_some_and(|mp| Path::new(&unescape_mountinfo(mp)) == path)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn allow_other() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    std::fs::read_to_string("/etc/fuse.conf")
+        .map(|c| c.lines().any(|l| l.trim() == "user_allow_other"))
+        .unwrap_or(false)
+}
+
+/// Mounts `home`'s store on `mountpoint` and serves it until unmounted or signalled.
+/// `on_ready` runs once the mount answers requests.
+///
+/// # Errors
+/// The mount point is not an empty-or-not folder we can mount on, the store is locked by
+/// another daemon or unreadable, or the kernel refused the mount.
+pub fn run(
+    home: &Home,
+    mountpoint: &Path,
+    options: FsOptions,
+    on_ready: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(mountpoint)
+        .with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a folder", mountpoint.display());
+    }
+    if is_deltadrive_mount(mountpoint) {
+        bail!("{} is already a deltadrive mount", mountpoint.display());
+    }
+    let mountpoint = mountpoint.canonicalize()?;
+    home.create()?;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let store = Store::open(&home.db_dir(), &home.content_dir(), uid, gid).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("lock") {
+            anyhow::anyhow!(
+                "the home folder {} is in use by another deltadrive process",
+                home.root().display()
+            )
+        } else {
+            anyhow::anyhow!(msg)
+        }
+    })?;
+    let fs = DeltaFs::new(Arc::clone(&store), options);
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("deltadrive".into()),
+        MountOption::Subtype("deltadrive".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if allow_other() {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(SESSION_THREADS);
+
+    let mut session = Session::new(fs, &mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+
+    write_pid_file(home, &mountpoint)?;
+    tracing::info!(
+        "mounted {} (home {})",
+        mountpoint.display(),
+        home.root().display()
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    on_ready();
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(());
+            r
+        })?;
+
+    let signalled = wait_for_signal_or(done_rx)?;
+    if let Some(sig) = signalled {
+        tracing::info!("received {sig}: unmounting {}", mountpoint.display());
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!("unmount failed ({e}); detaching lazily");
+            lazy_unmount(&mountpoint);
+        }
+    }
+    let result = serve
+        .join()
+        .map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
+    let _ = std::fs::remove_file(home.pid_file());
+    store.sync_wal().context("flushing the store at unmount")?;
+    drop(store);
+    tracing::info!("unmounted {}", mountpoint.display());
+    result.context("FUSE session")
+}
+
+fn write_pid_file(home: &Home, mountpoint: &Path) -> anyhow::Result<()> {
+    let tmp = home.pid_file().with_extension("pid.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{}\n{}", std::process::id(), mountpoint.display())?;
+    std::fs::rename(&tmp, home.pid_file())?;
+    Ok(())
+}
+
+/// Detaches a busy mount; the kernel finishes it once the last open file closes.
+pub fn lazy_unmount(mountpoint: &Path) {
+    let ok = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid path; MNT_DETACH only detaches.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Blocks until SIGTERM/SIGINT/SIGHUP (returns its name) or until the session ends by
+/// itself (an external `umount`/`fusermount3 -u`; returns `None`).
+fn wait_for_signal_or(
+    done: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<Option<&'static str>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        Ok(tokio::select! {
+            _ = term.recv() => Some("SIGTERM"),
+            _ = int.recv() => Some("SIGINT"),
+            _ = hup.recv() => Some("SIGHUP"),
+            _ = done => None,
+        })
+    })
+}

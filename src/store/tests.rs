@@ -1,0 +1,136 @@
+//! Store tests against a real RocksDB in a temp folder.
+
+use super::*;
+
+fn sample(ino: u64) -> Inode {
+    Inode {
+        ino,
+        object: ObjectId::random(),
+        kind: FileKind::File,
+        perm: 0o4755,
+        uid: 1000,
+        gid: 100,
+        nlink: 1,
+        size: 5 << 30,
+        atime: Timespec {
+            secs: -5,
+            nsec: 999_999_999,
+        },
+        mtime: Timespec {
+            secs: 1_700_000_000,
+            nsec: 123_456_789,
+        },
+        ctime: Timespec::now(),
+        crtime: Timespec::now(),
+        rdev: 0x0801,
+        parent: ROOT_INO,
+        flags: 0,
+        symlink: b"target/with/slashes".to_vec(),
+    }
+}
+
+#[test]
+fn inode_record_round_trips() {
+    let i = sample(42);
+    assert_eq!(Inode::decode(42, &i.encode()).unwrap(), i);
+}
+
+#[test]
+fn truncated_inode_record_is_an_error_not_a_panic() {
+    let enc = sample(7).encode();
+    for cut in 0..INODE_PREFIX_FOR_TEST {
+        assert!(Inode::decode(7, &enc[..cut]).is_err(), "cut at {cut}");
+    }
+}
+const INODE_PREFIX_FOR_TEST: usize = 1 + 16 + 1 + 2 + 4 + 4 + 4 + 8 + 48 + 4 + 8 + 4;
+
+#[test]
+fn timespec_before_epoch_round_trips() {
+    let t = Timespec {
+        secs: -3,
+        nsec: 250,
+    };
+    assert_eq!(Timespec::from_system(t.to_system()), t);
+}
+
+#[test]
+fn store_persists_across_reopen_and_creates_root_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    let ino;
+    {
+        let s = Store::open(&db, &content, 0, 0).unwrap();
+        let root = s.get_inode(ROOT_INO).unwrap().unwrap();
+        assert_eq!(root.kind, FileKind::Directory);
+        let mut b = s.batch();
+        ino = s.allocate_ino(&mut b);
+        let mut i = sample(ino);
+        i.parent = ROOT_INO;
+        b.put_inode(&i);
+        b.put_dirent(ROOT_INO, b"hello", ino, FileKind::File);
+        b.put_xattr(ino, b"user.k", b"v");
+        s.commit(b, true).unwrap();
+    }
+    let s = Store::open(&db, &content, 5, 5).unwrap();
+    assert_eq!(
+        s.get_inode(ROOT_INO).unwrap().unwrap().uid,
+        0,
+        "root created once"
+    );
+    assert_eq!(
+        s.lookup(ROOT_INO, b"hello").unwrap(),
+        Some((ino, FileKind::File))
+    );
+    assert_eq!(
+        s.get_xattr(ino, b"user.k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    let mut b = s.batch();
+    let next = s.allocate_ino(&mut b);
+    assert!(next > ino, "inode numbers are never reused after reopen");
+}
+
+#[test]
+fn list_dir_stays_within_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("db"), &dir.path().join("c"), 0, 0).unwrap();
+    let mut b = s.batch();
+    b.put_dirent(255, b"a", 1000, FileKind::File);
+    b.put_dirent(256, b"b", 1001, FileKind::File);
+    b.put_dirent(256, b"c", 1002, FileKind::Directory);
+    b.put_dirent(257, b"d", 1003, FileKind::File);
+    s.commit(b, false).unwrap();
+    let names: Vec<_> = s
+        .list_dir(256)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"b".to_vec(), b"c".to_vec()]);
+    assert!(s.dir_is_empty(258).unwrap());
+    assert!(!s.dir_is_empty(257).unwrap());
+}
+
+#[test]
+fn orphans_are_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    let object;
+    {
+        let s = Store::open(&db, &content, 0, 0).unwrap();
+        let mut b = s.batch();
+        let ino = s.allocate_ino(&mut b);
+        let mut i = sample(ino);
+        i.nlink = 0;
+        object = i.object;
+        b.put_inode(&i);
+        b.mark_orphan(ino);
+        s.commit(b, true).unwrap();
+        std::fs::write(s.content_path(&object), b"x").unwrap_or_else(|_| {
+            s.open_content(&object, true).unwrap();
+        });
+    }
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    assert_eq!(s.ino_of_object(&object).unwrap(), None);
+    assert!(!s.content_path(&object).exists());
+}
