@@ -1,0 +1,733 @@
+//! The binary encoding of change logs and single transactions (`docs/change-log-format.md`).
+//!
+//! Owns [`encode_changelog`], [`decode_changelog`], [`encode_transaction`],
+//! [`decode_transaction`] and [`DecodeError`]. What always holds: the decoder never panics,
+//! checks every limit of [`super::limits`] before allocating for the thing it bounds, never
+//! trusts a declared length (the body is decompressed through a bounded reader), and returns
+//! only logs that pass [`super::validate`]. Encoding then decoding a valid log gives it back.
+
+use std::io::{Read, Write};
+
+use super::limits::{
+    MAX_BODY_LEN, MAX_DELTA_LEN, MAX_DEVICE_NAME_LEN, MAX_NAME_LEN, MAX_OPS_PER_TRANSACTION,
+    MAX_RANGES_PER_DELTA, MAX_SYMLINK_TARGET_LEN, MAX_TRANSACTIONS_PER_LOG, MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN,
+};
+use super::model::{ChangeLog, Delta, Name, ObjectId, ObjectKind, Op, OpKind, Transaction};
+use super::validate::{validate, validate_transaction, ValidationError};
+
+/// Magic bytes of an encoded change log.
+pub const CHANGELOG_MAGIC: [u8; 4] = *b"DDCL";
+/// Magic bytes of one encoded transaction (what the server stores per log entry).
+pub const TRANSACTION_MAGIC: [u8; 4] = *b"DDTX";
+/// The format version this build writes and the only one it reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Length of the uncompressed header: magic, version, reserved, two lengths.
+pub const HEADER_LEN: usize = 24;
+/// zstd level used for the body.
+pub const ZSTD_LEVEL: i32 = 3;
+/// Largest zstd window (log2) the encoder uses and the decoder accepts: 8 MiB. Bounds the
+/// decoder's memory whatever a frame asks for.
+pub const ZSTD_WINDOW_LOG: u32 = 23;
+
+// Tag bytes. 0 is never a valid tag, so zero-filled input fails at once.
+const OP_CREATE: u8 = 1;
+const OP_WRITE: u8 = 2;
+const OP_TRUNCATE: u8 = 3;
+const OP_RENAME: u8 = 4;
+const OP_DELETE: u8 = 5;
+const OP_SET_ATTR: u8 = 6;
+const OP_SET_XATTR: u8 = 7;
+const OP_REMOVE_XATTR: u8 = 8;
+const KIND_FILE: u8 = 1;
+const KIND_DIRECTORY: u8 = 2;
+const KIND_SYMLINK: u8 = 3;
+const DELTA_WHOLE: u8 = 1;
+const DELTA_RANGES: u8 = 2;
+const DELTA_RSYNC: u8 = 3;
+const SET_ATTR_MODE: u8 = 0b01;
+const SET_ATTR_MTIME: u8 = 0b10;
+
+/// Why bytes could not be decoded as a change log or transaction. Nothing was produced.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(
+        "input is {len} bytes, shorter than the {HEADER_LEN}-byte header: not a deltadrive \
+         change log, or cut short in transfer"
+    )]
+    TooShort { len: usize },
+    #[error(
+        "not a deltadrive {expected_what}: magic bytes are {found:02x?}, expected {expected:?}"
+    )]
+    BadMagic {
+        found: [u8; 4],
+        expected: &'static str,
+        expected_what: &'static str,
+    },
+    #[error(
+        "unsupported change-log format version {found} (this build reads {FORMAT_VERSION}); \
+         upgrade deltadrive to read it"
+    )]
+    UnsupportedVersion { found: u16 },
+    #[error("reserved header field is {found:#06x}, must be 0 in format version {FORMAT_VERSION}")]
+    ReservedNotZero { found: u16 },
+    #[error("declared body size {declared} bytes exceeds the limit of {MAX_BODY_LEN} bytes")]
+    BodyTooLarge { declared: u64 },
+    #[error(
+        "header declares {declared} compressed bytes but {actual} follow it: the input was \
+         truncated or has trailing data"
+    )]
+    CompressedLengthMismatch { declared: u64, actual: u64 },
+    #[error("the compressed body is corrupt: {0}")]
+    Decompress(#[source] std::io::Error),
+    #[error(
+        "the body decompresses to {actual} bytes but the header declares {declared}{}",
+        if *.actual > *.declared { " (or more)" } else { "" }
+    )]
+    BodyLengthMismatch { declared: u64, actual: u64 },
+    #[error("the body ends in the middle of {what} at byte {offset}")]
+    Truncated { what: &'static str, offset: usize },
+    #[error("malformed or overlong varint for {what} at byte {offset}")]
+    BadVarint { what: &'static str, offset: usize },
+    #[error("unknown {what} tag {tag} at byte {offset} (written by a newer deltadrive?)")]
+    UnknownTag {
+        what: &'static str,
+        tag: u8,
+        offset: usize,
+    },
+    #[error("{what} is {value}, more than the limit of {max} (at byte {offset})")]
+    LimitExceeded {
+        what: &'static str,
+        value: u64,
+        max: u64,
+        offset: usize,
+    },
+    #[error("device name at byte {offset} is not UTF-8")]
+    DeviceNameNotUtf8 { offset: usize },
+    #[error("{count} unexpected bytes after the end of the body")]
+    TrailingBytes { count: usize },
+    #[error("the log is well-formed but invalid: {0}")]
+    Invalid(#[from] ValidationError),
+}
+
+/// Why a log could not be encoded into something a decoder accepts.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("the log is invalid: {0}")]
+    Invalid(#[from] ValidationError),
+    #[error("the encoded body is {len} bytes, more than the limit of {MAX_BODY_LEN}; split the log")]
+    BodyTooLarge { len: u64 },
+}
+
+/// Encodes a change log. Encodes whatever it is given; use [`encode_changelog_checked`] for a
+/// log that must decode (anything sent to the server).
+pub fn encode_changelog(log: &ChangeLog) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_varint(&mut body, len_u64(log.transactions.len()));
+    for transaction in &log.transactions {
+        put_transaction(&mut body, transaction);
+    }
+    frame(CHANGELOG_MAGIC, &body)
+}
+
+/// Encodes a change log after checking that the result will decode.
+///
+/// # Errors
+/// [`EncodeError::Invalid`] if the log breaks a validation rule, [`EncodeError::BodyTooLarge`]
+/// if its body exceeds [`MAX_BODY_LEN`].
+pub fn encode_changelog_checked(log: &ChangeLog) -> Result<Vec<u8>, EncodeError> {
+    validate(log)?;
+    let encoded = encode_changelog(log);
+    check_encoded_size(&encoded)?;
+    Ok(encoded)
+}
+
+/// Encodes one transaction (the form the server stores per log entry).
+pub fn encode_transaction(transaction: &Transaction) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_transaction(&mut body, transaction);
+    frame(TRANSACTION_MAGIC, &body)
+}
+
+/// Encodes one transaction after checking that the result will decode.
+///
+/// # Errors
+/// As [`encode_changelog_checked`].
+pub fn encode_transaction_checked(transaction: &Transaction) -> Result<Vec<u8>, EncodeError> {
+    validate_transaction(transaction)?;
+    let encoded = encode_transaction(transaction);
+    check_encoded_size(&encoded)?;
+    Ok(encoded)
+}
+
+/// Decodes and validates a change log.
+///
+/// # Errors
+/// A [`DecodeError`] saying what is wrong with the input: not a change log, a version this
+/// build does not read, corruption, a limit exceeded, or a validation rule broken.
+pub fn decode_changelog(input: &[u8]) -> Result<ChangeLog, DecodeError> {
+    let body = unframe(input, CHANGELOG_MAGIC, "change log")?;
+    let mut reader = Reader::new(&body);
+    let count = reader.count("transaction count", MAX_TRANSACTIONS_PER_LOG)?;
+    let mut transactions = Vec::with_capacity(reader.capacity_for(count, MIN_TRANSACTION_LEN));
+    for _ in 0..count {
+        transactions.push(reader.transaction()?);
+    }
+    reader.finish()?;
+    let log = ChangeLog { transactions };
+    validate(&log)?;
+    Ok(log)
+}
+
+/// Decodes and validates one transaction.
+///
+/// # Errors
+/// As [`decode_changelog`].
+pub fn decode_transaction(input: &[u8]) -> Result<Transaction, DecodeError> {
+    let body = unframe(input, TRANSACTION_MAGIC, "transaction")?;
+    let mut reader = Reader::new(&body);
+    let transaction = reader.transaction()?;
+    reader.finish()?;
+    validate_transaction(&transaction)?;
+    Ok(transaction)
+}
+
+fn check_encoded_size(encoded: &[u8]) -> Result<(), EncodeError> {
+    let mut declared = [0u8; 8];
+    declared.copy_from_slice(&encoded[8..16]);
+    let len = u64::from_le_bytes(declared);
+    if len > MAX_BODY_LEN {
+        return Err(EncodeError::BodyTooLarge { len });
+    }
+    Ok(())
+}
+
+fn len_u64(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+fn compress(body: &[u8]) -> Vec<u8> {
+    // Writing into a Vec cannot fail; should the zstd library ever fail, fall back to
+    // level-0 bulk compression, which the decoder reads all the same.
+    let streamed = (|| -> std::io::Result<Vec<u8>> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?;
+        encoder.window_log(ZSTD_WINDOW_LOG - 1)?;
+        encoder.include_checksum(true)?;
+        encoder.include_contentsize(true)?;
+        encoder.set_pledged_src_size(Some(len_u64(body.len())))?;
+        encoder.write_all(body)?;
+        encoder.finish()
+    })();
+    match streamed {
+        Ok(compressed) => compressed,
+        Err(_) => zstd::bulk::compress(body, 0).unwrap_or_default(),
+    }
+}
+
+fn frame(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let compressed = compress(body);
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&len_u64(body.len()).to_le_bytes());
+    out.extend_from_slice(&len_u64(compressed.len()).to_le_bytes());
+    out.extend_from_slice(&compressed);
+    out
+}
+
+fn unframe(input: &[u8], magic: [u8; 4], what: &'static str) -> Result<Vec<u8>, DecodeError> {
+    if input.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort { len: input.len() });
+    }
+    let (header, compressed) = input.split_at(HEADER_LEN);
+    let field = |from: usize, to: usize| &header[from..to];
+    let found: [u8; 4] = [header[0], header[1], header[2], header[3]];
+    if found != magic {
+        return Err(DecodeError::BadMagic {
+            found,
+            expected: if magic == CHANGELOG_MAGIC {
+                "DDCL"
+            } else {
+                "DDTX"
+            },
+            expected_what: what,
+        });
+    }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion { found: version });
+    }
+    let reserved = u16::from_le_bytes([header[6], header[7]]);
+    if reserved != 0 {
+        return Err(DecodeError::ReservedNotZero { found: reserved });
+    }
+    let mut eight = [0u8; 8];
+    eight.copy_from_slice(field(8, 16));
+    let declared = u64::from_le_bytes(eight);
+    eight.copy_from_slice(field(16, 24));
+    let declared_compressed = u64::from_le_bytes(eight);
+    if declared > MAX_BODY_LEN {
+        return Err(DecodeError::BodyTooLarge { declared });
+    }
+    let actual_compressed = len_u64(compressed.len());
+    if declared_compressed != actual_compressed {
+        return Err(DecodeError::CompressedLengthMismatch {
+            declared: declared_compressed,
+            actual: actual_compressed,
+        });
+    }
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed)
+        .map_err(DecodeError::Decompress)?
+        .single_frame();
+    decoder
+        .window_log_max(ZSTD_WINDOW_LOG)
+        .map_err(DecodeError::Decompress)?;
+    // Never trust the declared length: read at most one byte more than declared, growing the
+    // buffer as bytes actually arrive.
+    let mut body = Vec::new();
+    decoder
+        .take(declared.saturating_add(1))
+        .read_to_end(&mut body)
+        .map_err(DecodeError::Decompress)?;
+    let actual = len_u64(body.len());
+    if actual != declared {
+        return Err(DecodeError::BodyLengthMismatch { declared, actual });
+    }
+    Ok(body)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, len_u64(bytes.len()));
+    out.extend_from_slice(bytes);
+}
+
+fn put_transaction(out: &mut Vec<u8>, transaction: &Transaction) {
+    out.extend_from_slice(&transaction.id);
+    put_bytes(out, transaction.device.as_bytes());
+    out.extend_from_slice(&transaction.time_ms.to_le_bytes());
+    put_varint(out, len_u64(transaction.ops.len()));
+    for op in &transaction.ops {
+        put_op(out, op);
+    }
+}
+
+fn put_op(out: &mut Vec<u8>, op: &Op) {
+    out.extend_from_slice(&op.object.0);
+    put_varint(out, op.base_version);
+    put_varint(out, op.new_version);
+    match &op.kind {
+        OpKind::Create {
+            parent,
+            name,
+            kind,
+            mode,
+            mtime_ns,
+        } => {
+            out.push(OP_CREATE);
+            out.extend_from_slice(&parent.0);
+            put_bytes(out, name.as_bytes());
+            match kind {
+                ObjectKind::File => out.push(KIND_FILE),
+                ObjectKind::Directory => out.push(KIND_DIRECTORY),
+                ObjectKind::Symlink { target } => {
+                    out.push(KIND_SYMLINK);
+                    put_bytes(out, target);
+                }
+            }
+            out.extend_from_slice(&mode.to_le_bytes());
+            out.extend_from_slice(&mtime_ns.to_le_bytes());
+        }
+        OpKind::Write {
+            base_hash,
+            new_hash,
+            new_size,
+            delta,
+        } => {
+            out.push(OP_WRITE);
+            out.extend_from_slice(base_hash);
+            out.extend_from_slice(new_hash);
+            put_varint(out, *new_size);
+            match delta {
+                Delta::Whole(content) => {
+                    out.push(DELTA_WHOLE);
+                    put_bytes(out, content);
+                }
+                Delta::Ranges { new_size, ranges } => {
+                    out.push(DELTA_RANGES);
+                    put_varint(out, *new_size);
+                    put_varint(out, len_u64(ranges.len()));
+                    for (offset, bytes) in ranges {
+                        put_varint(out, *offset);
+                        put_bytes(out, bytes);
+                    }
+                }
+                Delta::Rsync(bytes) => {
+                    out.push(DELTA_RSYNC);
+                    put_bytes(out, bytes);
+                }
+            }
+        }
+        OpKind::Truncate { new_size, new_hash } => {
+            out.push(OP_TRUNCATE);
+            put_varint(out, *new_size);
+            out.extend_from_slice(new_hash);
+        }
+        OpKind::Rename {
+            new_parent,
+            new_name,
+        } => {
+            out.push(OP_RENAME);
+            out.extend_from_slice(&new_parent.0);
+            put_bytes(out, new_name.as_bytes());
+        }
+        OpKind::Delete => out.push(OP_DELETE),
+        OpKind::SetAttr { mode, mtime_ns } => {
+            out.push(OP_SET_ATTR);
+            let mut flags = 0u8;
+            if mode.is_some() {
+                flags |= SET_ATTR_MODE;
+            }
+            if mtime_ns.is_some() {
+                flags |= SET_ATTR_MTIME;
+            }
+            out.push(flags);
+            if let Some(mode) = mode {
+                out.extend_from_slice(&mode.to_le_bytes());
+            }
+            if let Some(mtime_ns) = mtime_ns {
+                out.extend_from_slice(&mtime_ns.to_le_bytes());
+            }
+        }
+        OpKind::SetXattr { name, value } => {
+            out.push(OP_SET_XATTR);
+            put_bytes(out, name);
+            put_bytes(out, value);
+        }
+        OpKind::RemoveXattr { name } => {
+            out.push(OP_REMOVE_XATTR);
+            put_bytes(out, name);
+        }
+    }
+}
+
+/// The fewest bytes one encoded transaction takes (id, device length, time, op count, one op),
+/// used to bound capacity reservations by the bytes actually present.
+const MIN_TRANSACTION_LEN: usize = 16 + 1 + 8 + 1 + MIN_OP_LEN;
+/// The fewest bytes one encoded op takes (object, two versions, tag).
+const MIN_OP_LEN: usize = 16 + 1 + 1 + 1;
+/// The fewest bytes one encoded range takes (offset, length, one byte).
+const MIN_RANGE_LEN: usize = 3;
+
+/// A cursor over a decompressed body that never reads past its end.
+struct Reader<'a> {
+    body: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        Reader { body, offset: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.body.len().saturating_sub(self.offset)
+    }
+
+    /// A capacity for `count` items of at least `min_len` bytes each that the remaining input
+    /// could actually hold.
+    fn capacity_for(&self, count: u64, min_len: usize) -> usize {
+        let possible = self.remaining() / min_len.max(1);
+        usize::try_from(count).unwrap_or(usize::MAX).min(possible)
+    }
+
+    fn take(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .offset
+            .checked_add(len)
+            .filter(|end| *end <= self.body.len())
+            .ok_or(DecodeError::Truncated {
+                what,
+                offset: self.offset,
+            })?;
+        let bytes = &self.body[self.offset..end];
+        self.offset = end;
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
+        let bytes = self.take(N, what)?;
+        let mut array = [0u8; N];
+        array.copy_from_slice(bytes);
+        Ok(array)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
+        Ok(i64::from_le_bytes(self.array(what)?))
+    }
+
+    /// An unsigned LEB128 varint: at most 10 bytes, no bits beyond 64, no overlong form.
+    fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let start = self.offset;
+        let mut value: u64 = 0;
+        for index in 0..10u32 {
+            let byte = self.u8(what)?;
+            let payload = u64::from(byte & 0x7f);
+            let shift = index * 7;
+            if index == 9 && payload > 1 {
+                return Err(DecodeError::BadVarint {
+                    what,
+                    offset: start,
+                });
+            }
+            value |= payload << shift;
+            if byte & 0x80 == 0 {
+                if index > 0 && payload == 0 {
+                    return Err(DecodeError::BadVarint {
+                        what,
+                        offset: start,
+                    });
+                }
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::BadVarint {
+            what,
+            offset: start,
+        })
+    }
+
+    /// A varint that must not exceed `max`.
+    fn count(&mut self, what: &'static str, max: u64) -> Result<u64, DecodeError> {
+        let offset = self.offset;
+        let value = self.varint(what)?;
+        if value > max {
+            return Err(DecodeError::LimitExceeded {
+                what,
+                value,
+                max,
+                offset,
+            });
+        }
+        Ok(value)
+    }
+
+    /// A length-prefixed byte string of at most `max` bytes, checked against the limit and
+    /// the remaining input before anything is allocated.
+    fn bytes(&mut self, what: &'static str, max: u64) -> Result<&'a [u8], DecodeError> {
+        let len = self.count(what, max)?;
+        let len = usize::try_from(len).map_err(|_| DecodeError::Truncated {
+            what,
+            offset: self.offset,
+        })?;
+        self.take(len, what)
+    }
+
+    fn object_id(&mut self, what: &'static str) -> Result<ObjectId, DecodeError> {
+        Ok(ObjectId(self.array(what)?))
+    }
+
+    fn name(&mut self, what: &'static str) -> Result<Name, DecodeError> {
+        Ok(Name(self.bytes(what, MAX_NAME_LEN)?.to_vec()))
+    }
+
+    fn finish(&self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            count => Err(DecodeError::TrailingBytes { count }),
+        }
+    }
+
+    fn transaction(&mut self) -> Result<Transaction, DecodeError> {
+        let id = self.array("transaction id")?;
+        let device_offset = self.offset;
+        let device = self.bytes("device name length", MAX_DEVICE_NAME_LEN)?;
+        let device = String::from_utf8(device.to_vec()).map_err(|_| {
+            DecodeError::DeviceNameNotUtf8 {
+                offset: device_offset,
+            }
+        })?;
+        let time_ms = self.i64("transaction time")?;
+        let count = self.count("op count", MAX_OPS_PER_TRANSACTION)?;
+        let mut ops = Vec::with_capacity(self.capacity_for(count, MIN_OP_LEN));
+        for _ in 0..count {
+            ops.push(self.op()?);
+        }
+        Ok(Transaction {
+            id,
+            device,
+            time_ms,
+            ops,
+        })
+    }
+
+    fn op(&mut self) -> Result<Op, DecodeError> {
+        let object = self.object_id("op object id")?;
+        let base_version = self.varint("base version")?;
+        let new_version = self.varint("new version")?;
+        let tag_offset = self.offset;
+        let tag = self.u8("op tag")?;
+        let kind = match tag {
+            OP_CREATE => {
+                let parent = self.object_id("Create parent")?;
+                let name = self.name("Create name length")?;
+                let kind_offset = self.offset;
+                let kind = match self.u8("object kind tag")? {
+                    KIND_FILE => ObjectKind::File,
+                    KIND_DIRECTORY => ObjectKind::Directory,
+                    KIND_SYMLINK => ObjectKind::Symlink {
+                        target: self
+                            .bytes("symlink target length", MAX_SYMLINK_TARGET_LEN)?
+                            .to_vec(),
+                    },
+                    other => {
+                        return Err(DecodeError::UnknownTag {
+                            what: "object kind",
+                            tag: other,
+                            offset: kind_offset,
+                        })
+                    }
+                };
+                let mode = self.u32("Create mode")?;
+                let mtime_ns = self.i64("Create mtime")?;
+                OpKind::Create {
+                    parent,
+                    name,
+                    kind,
+                    mode,
+                    mtime_ns,
+                }
+            }
+            OP_WRITE => {
+                let base_hash = self.array("Write base hash")?;
+                let new_hash = self.array("Write new hash")?;
+                let new_size = self.varint("Write new size")?;
+                let delta = self.delta()?;
+                OpKind::Write {
+                    base_hash,
+                    new_hash,
+                    new_size,
+                    delta,
+                }
+            }
+            OP_TRUNCATE => {
+                let new_size = self.varint("Truncate new size")?;
+                let new_hash = self.array("Truncate new hash")?;
+                OpKind::Truncate { new_size, new_hash }
+            }
+            OP_RENAME => {
+                let new_parent = self.object_id("Rename new parent")?;
+                let new_name = self.name("Rename new name length")?;
+                OpKind::Rename {
+                    new_parent,
+                    new_name,
+                }
+            }
+            OP_DELETE => OpKind::Delete,
+            OP_SET_ATTR => {
+                let flags_offset = self.offset;
+                let flags = self.u8("SetAttr flags")?;
+                if flags & !(SET_ATTR_MODE | SET_ATTR_MTIME) != 0 {
+                    return Err(DecodeError::UnknownTag {
+                        what: "SetAttr flags",
+                        tag: flags,
+                        offset: flags_offset,
+                    });
+                }
+                let mode = if flags & SET_ATTR_MODE != 0 {
+                    Some(self.u32("SetAttr mode")?)
+                } else {
+                    None
+                };
+                let mtime_ns = if flags & SET_ATTR_MTIME != 0 {
+                    Some(self.i64("SetAttr mtime")?)
+                } else {
+                    None
+                };
+                OpKind::SetAttr { mode, mtime_ns }
+            }
+            OP_SET_XATTR => {
+                let name = self.bytes("xattr name length", MAX_XATTR_NAME_LEN)?.to_vec();
+                let value = self
+                    .bytes("xattr value length", MAX_XATTR_VALUE_LEN)?
+                    .to_vec();
+                OpKind::SetXattr { name, value }
+            }
+            OP_REMOVE_XATTR => OpKind::RemoveXattr {
+                name: self.bytes("xattr name length", MAX_XATTR_NAME_LEN)?.to_vec(),
+            },
+            other => {
+                return Err(DecodeError::UnknownTag {
+                    what: "op",
+                    tag: other,
+                    offset: tag_offset,
+                })
+            }
+        };
+        Ok(Op {
+            object,
+            base_version,
+            new_version,
+            kind,
+        })
+    }
+
+    fn delta(&mut self) -> Result<Delta, DecodeError> {
+        let tag_offset = self.offset;
+        match self.u8("delta tag")? {
+            DELTA_WHOLE => Ok(Delta::Whole(
+                self.bytes("whole content length", MAX_DELTA_LEN)?.to_vec(),
+            )),
+            DELTA_RANGES => {
+                let new_size = self.varint("ranges new size")?;
+                let count = self.count("range count", MAX_RANGES_PER_DELTA)?;
+                let mut ranges = Vec::with_capacity(self.capacity_for(count, MIN_RANGE_LEN));
+                let mut total: u64 = 0;
+                for _ in 0..count {
+                    let offset = self.varint("range offset")?;
+                    let length_offset = self.offset;
+                    let bytes = self.bytes("range length", MAX_DELTA_LEN)?;
+                    total = total.saturating_add(len_u64(bytes.len()));
+                    if total > MAX_DELTA_LEN {
+                        return Err(DecodeError::LimitExceeded {
+                            what: "total range bytes",
+                            value: total,
+                            max: MAX_DELTA_LEN,
+                            offset: length_offset,
+                        });
+                    }
+                    ranges.push((offset, bytes.to_vec()));
+                }
+                Ok(Delta::Ranges { new_size, ranges })
+            }
+            DELTA_RSYNC => Ok(Delta::Rsync(
+                self.bytes("rsync delta length", MAX_DELTA_LEN)?.to_vec(),
+            )),
+            other => Err(DecodeError::UnknownTag {
+                what: "delta",
+                tag: other,
+                offset: tag_offset,
+            }),
+        }
+    }
+}
