@@ -22,8 +22,8 @@ pub const CHANGELOG_MAGIC: [u8; 4] = *b"DDCL";
 pub const TRANSACTION_MAGIC: [u8; 4] = *b"DDTX";
 /// The format version this build writes and the only one it reads.
 pub const FORMAT_VERSION: u16 = 1;
-/// Length of the uncompressed header: magic, version, reserved, two lengths.
-pub const HEADER_LEN: usize = 24;
+/// Length of the uncompressed header: magic, version, reserved, two lengths, body check.
+pub const HEADER_LEN: usize = 32;
 /// zstd level used for the body.
 pub const ZSTD_LEVEL: i32 = 3;
 /// Largest zstd window (log2) the encoder uses and the decoder accepts: 8 MiB. Bounds the
@@ -78,6 +78,11 @@ pub enum DecodeError {
          truncated or has trailing data"
     )]
     CompressedLengthMismatch { declared: u64, actual: u64 },
+    #[error(
+        "the body check does not match: the input was corrupted in storage or transfer \
+         (fetch it again)"
+    )]
+    BodyCheckMismatch,
     #[error("the compressed body is corrupt: {0}")]
     Decompress(#[source] std::io::Error),
     #[error(
@@ -115,7 +120,9 @@ pub enum DecodeError {
 pub enum EncodeError {
     #[error("the log is invalid: {0}")]
     Invalid(#[from] ValidationError),
-    #[error("the encoded body is {len} bytes, more than the limit of {MAX_BODY_LEN}; split the log")]
+    #[error(
+        "the encoded body is {len} bytes, more than the limit of {MAX_BODY_LEN}; split the log"
+    )]
     BodyTooLarge { len: u64 },
 }
 
@@ -224,7 +231,15 @@ fn compress(body: &[u8]) -> Vec<u8> {
     }
 }
 
-fn frame(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
+/// The first 8 bytes of the BLAKE3 hash of the compressed body.
+fn body_check(compressed: &[u8]) -> [u8; 8] {
+    let mut check = [0u8; 8];
+    check.copy_from_slice(&blake3::hash(compressed).as_bytes()[..8]);
+    check
+}
+
+/// Frames `body` with a header: compresses it and writes the header before it.
+pub(crate) fn frame(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
     let compressed = compress(body);
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
     out.extend_from_slice(&magic);
@@ -232,6 +247,7 @@ fn frame(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&len_u64(body.len()).to_le_bytes());
     out.extend_from_slice(&len_u64(compressed.len()).to_le_bytes());
+    out.extend_from_slice(&body_check(&compressed));
     out.extend_from_slice(&compressed);
     out
 }
@@ -276,6 +292,9 @@ fn unframe(input: &[u8], magic: [u8; 4], what: &'static str) -> Result<Vec<u8>, 
             declared: declared_compressed,
             actual: actual_compressed,
         });
+    }
+    if field(24, 32) != body_check(compressed) {
+        return Err(DecodeError::BodyCheckMismatch);
     }
     let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed)
         .map_err(DecodeError::Decompress)?
@@ -562,11 +581,10 @@ impl<'a> Reader<'a> {
         let id = self.array("transaction id")?;
         let device_offset = self.offset;
         let device = self.bytes("device name length", MAX_DEVICE_NAME_LEN)?;
-        let device = String::from_utf8(device.to_vec()).map_err(|_| {
-            DecodeError::DeviceNameNotUtf8 {
+        let device =
+            String::from_utf8(device.to_vec()).map_err(|_| DecodeError::DeviceNameNotUtf8 {
                 offset: device_offset,
-            }
-        })?;
+            })?;
         let time_ms = self.i64("transaction time")?;
         let count = self.count("op count", MAX_OPS_PER_TRANSACTION)?;
         let mut ops = Vec::with_capacity(self.capacity_for(count, MIN_OP_LEN));
@@ -667,14 +685,18 @@ impl<'a> Reader<'a> {
                 OpKind::SetAttr { mode, mtime_ns }
             }
             OP_SET_XATTR => {
-                let name = self.bytes("xattr name length", MAX_XATTR_NAME_LEN)?.to_vec();
+                let name = self
+                    .bytes("xattr name length", MAX_XATTR_NAME_LEN)?
+                    .to_vec();
                 let value = self
                     .bytes("xattr value length", MAX_XATTR_VALUE_LEN)?
                     .to_vec();
                 OpKind::SetXattr { name, value }
             }
             OP_REMOVE_XATTR => OpKind::RemoveXattr {
-                name: self.bytes("xattr name length", MAX_XATTR_NAME_LEN)?.to_vec(),
+                name: self
+                    .bytes("xattr name length", MAX_XATTR_NAME_LEN)?
+                    .to_vec(),
             },
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -706,8 +728,8 @@ impl<'a> Reader<'a> {
                 for _ in 0..count {
                     let offset = self.varint("range offset")?;
                     let length_offset = self.offset;
-                    let bytes = self.bytes("range length", MAX_DELTA_LEN)?;
-                    total = total.saturating_add(len_u64(bytes.len()));
+                    let len = self.count("range length", MAX_DELTA_LEN)?;
+                    total = total.saturating_add(len);
                     if total > MAX_DELTA_LEN {
                         return Err(DecodeError::LimitExceeded {
                             what: "total range bytes",
@@ -716,6 +738,11 @@ impl<'a> Reader<'a> {
                             offset: length_offset,
                         });
                     }
+                    let len = usize::try_from(len).map_err(|_| DecodeError::Truncated {
+                        what: "range bytes",
+                        offset: self.offset,
+                    })?;
+                    let bytes = self.take(len, "range bytes")?;
                     ranges.push((offset, bytes.to_vec()));
                 }
                 Ok(Delta::Ranges { new_size, ranges })
@@ -729,5 +756,747 @@ impl<'a> Reader<'a> {
                 offset: tag_offset,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::super::arbitrary::{arb_changelog, arb_transaction};
+    use super::super::limits::{MAX_FILE_SIZE, MAX_MODE};
+    use super::super::validate::{Violation, RSYNC_DELTA_MAGIC};
+    use super::*;
+
+    fn tx(ops: Vec<Op>) -> Transaction {
+        Transaction {
+            id: [7; 16],
+            device: "laptop".into(),
+            time_ms: 1_700_000_000_000,
+            ops,
+        }
+    }
+
+    fn id(byte: u8) -> ObjectId {
+        ObjectId([byte; 16])
+    }
+
+    fn op(object: ObjectId, base_version: u64, kind: OpKind) -> Op {
+        Op {
+            object,
+            base_version,
+            new_version: base_version + 1,
+            kind,
+        }
+    }
+
+    fn create(name: &[u8]) -> Op {
+        op(
+            id(1),
+            0,
+            OpKind::Create {
+                parent: ObjectId::ROOT,
+                name: Name(name.to_vec()),
+                kind: ObjectKind::File,
+                mode: 0o644,
+                mtime_ns: 5,
+            },
+        )
+    }
+
+    fn log_of(ops: Vec<Op>) -> ChangeLog {
+        ChangeLog {
+            transactions: vec![tx(ops)],
+        }
+    }
+
+    /// Encodes `log` without validation and decodes it.
+    fn roundtrip(log: &ChangeLog) -> Result<ChangeLog, DecodeError> {
+        decode_changelog(&encode_changelog(log))
+    }
+
+    fn limit_exceeded(result: Result<ChangeLog, DecodeError>) -> (&'static str, u64, u64) {
+        match result {
+            Err(DecodeError::LimitExceeded {
+                what, value, max, ..
+            }) => (what, value, max),
+            other => panic!("expected LimitExceeded, got {other:?}"),
+        }
+    }
+
+    /// A body of one transaction with one op whose bytes after the tag are `after_tag`.
+    fn body_with_op(tag: u8, after_tag: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_varint(&mut body, 1);
+        body.extend_from_slice(&[7; 16]);
+        put_bytes(&mut body, b"dev");
+        body.extend_from_slice(&0i64.to_le_bytes());
+        put_varint(&mut body, 1);
+        body.extend_from_slice(&[1; 16]);
+        put_varint(&mut body, 0);
+        put_varint(&mut body, 1);
+        body.push(tag);
+        body.extend_from_slice(after_tag);
+        body
+    }
+
+    fn sample_log() -> ChangeLog {
+        ChangeLog {
+            transactions: vec![tx(vec![
+                create(b"notes.txt"),
+                op(
+                    id(1),
+                    1,
+                    OpKind::Write {
+                        base_hash: super::super::model::empty_hash(),
+                        new_hash: *blake3::hash(b"hi").as_bytes(),
+                        new_size: 2,
+                        delta: Delta::Whole(b"hi".to_vec()),
+                    },
+                ),
+            ])],
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn changelog_roundtrips(log in arb_changelog()) {
+            prop_assert_eq!(validate(&log), Ok(()));
+            let encoded = encode_changelog_checked(&log).expect("valid log encodes");
+            prop_assert_eq!(decode_changelog(&encoded).expect("decodes"), log);
+        }
+
+        #[test]
+        fn transaction_roundtrips(transaction in arb_transaction()) {
+            let encoded = encode_transaction_checked(&transaction).expect("valid tx encodes");
+            prop_assert_eq!(decode_transaction(&encoded).expect("decodes"), transaction);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            // Random bytes essentially never form a valid header: require an error.
+            prop_assert!(decode_changelog(&bytes).is_err());
+            prop_assert!(decode_transaction(&bytes).is_err());
+        }
+
+        #[test]
+        fn garbage_after_valid_header_never_panics(body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            // A well-framed body of random bytes: must not panic; if it decodes it is valid.
+            let framed = frame(CHANGELOG_MAGIC, &body);
+            if let Ok(log) = decode_changelog(&framed) {
+                prop_assert_eq!(validate(&log), Ok(()));
+                prop_assert_eq!(roundtrip(&log).expect("re-decodes"), log);
+            }
+        }
+
+        #[test]
+        fn truncated_input_is_refused(log in arb_changelog(), cut in any::<prop::sample::Index>()) {
+            let encoded = encode_changelog(&log);
+            let len = cut.index(encoded.len());
+            prop_assert!(decode_changelog(&encoded[..len]).is_err());
+        }
+
+        #[test]
+        fn truncated_body_is_refused(log in arb_changelog(), cut in any::<prop::sample::Index>()) {
+            // Cut the *uncompressed* body and frame it properly: the parser must notice.
+            let mut body = Vec::new();
+            put_varint(&mut body, len_u64(log.transactions.len()));
+            for t in &log.transactions {
+                put_transaction(&mut body, t);
+            }
+            let len = cut.index(body.len());
+            prop_assert!(decode_changelog(&frame(CHANGELOG_MAGIC, &body[..len])).is_err());
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_refused() {
+        let encoded = encode_changelog(&sample_log());
+        for bit in 0..encoded.len() * 8 {
+            let mut flipped = encoded.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_changelog(&flipped).is_err(),
+                "flipping bit {bit} of {} bytes was not detected",
+                encoded.len()
+            );
+        }
+    }
+
+    #[test]
+    fn header_layout_is_as_documented() {
+        let encoded = encode_changelog(&sample_log());
+        assert_eq!(&encoded[0..4], b"DDCL");
+        assert_eq!(&encoded[4..6], &[1, 0]);
+        assert_eq!(&encoded[6..8], &[0, 0]);
+        let compressed_len = u64::from_le_bytes(encoded[16..24].try_into().expect("8 bytes"));
+        assert_eq!(compressed_len, (encoded.len() - HEADER_LEN) as u64);
+        let check = blake3::hash(&encoded[HEADER_LEN..]);
+        assert_eq!(&encoded[24..32], &check.as_bytes()[..8]);
+        let mut body = Vec::new();
+        zstd::stream::read::Decoder::new(&encoded[HEADER_LEN..])
+            .expect("zstd")
+            .read_to_end(&mut body)
+            .expect("a zstd frame");
+        let body_len = u64::from_le_bytes(encoded[8..16].try_into().expect("8 bytes"));
+        assert_eq!(body_len, body.len() as u64);
+        assert_eq!(body[0], 1, "one transaction");
+        assert_eq!(&body[1..17], &[7; 16], "transaction id");
+        assert_eq!(
+            &encode_transaction(&sample_log().transactions[0])[0..4],
+            b"DDTX"
+        );
+    }
+
+    #[test]
+    fn wrong_magic_version_and_reserved_are_refused_with_clear_messages() {
+        let encoded = encode_changelog(&sample_log());
+        let as_tx = decode_transaction(&encoded).expect_err("a log is not a transaction");
+        assert!(matches!(as_tx, DecodeError::BadMagic { .. }), "{as_tx:?}");
+        assert!(as_tx.to_string().contains("DDTX"), "{as_tx}");
+
+        let mut v7 = encoded.clone();
+        v7[4] = 7;
+        let err = decode_changelog(&v7).expect_err("version 7");
+        assert_eq!(
+            err.to_string(),
+            "unsupported change-log format version 7 (this build reads 1); upgrade deltadrive \
+             to read it"
+        );
+
+        let mut reserved = encoded.clone();
+        reserved[7] = 1;
+        assert!(matches!(
+            decode_changelog(&reserved),
+            Err(DecodeError::ReservedNotZero { found: 0x100 })
+        ));
+        assert!(matches!(
+            decode_changelog(&encoded[..10]),
+            Err(DecodeError::TooShort { len: 10 })
+        ));
+        let mut trailing = encoded.clone();
+        trailing.push(0);
+        assert!(matches!(
+            decode_changelog(&trailing),
+            Err(DecodeError::CompressedLengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn declared_body_over_limit_is_refused_before_decompressing() {
+        let mut encoded = encode_changelog(&sample_log());
+        encoded[8..16].copy_from_slice(&(MAX_BODY_LEN + 1).to_le_bytes());
+        assert!(matches!(
+            decode_changelog(&encoded),
+            Err(DecodeError::BodyTooLarge { declared }) if declared == MAX_BODY_LEN + 1
+        ));
+    }
+
+    #[test]
+    fn body_longer_than_declared_is_refused() {
+        let body = vec![0u8; 1000];
+        let mut framed = frame(CHANGELOG_MAGIC, &body);
+        framed[8..16].copy_from_slice(&10u64.to_le_bytes());
+        assert!(matches!(
+            decode_changelog(&framed),
+            Err(DecodeError::BodyLengthMismatch {
+                declared: 10,
+                actual: 11
+            })
+        ));
+    }
+
+    #[test]
+    fn trailing_body_bytes_and_unknown_tags_are_refused() {
+        let mut body = Vec::new();
+        put_varint(&mut body, 0);
+        body.push(0);
+        assert!(matches!(
+            decode_changelog(&frame(CHANGELOG_MAGIC, &body)),
+            Err(DecodeError::TrailingBytes { count: 1 })
+        ));
+        let unknown_op = frame(CHANGELOG_MAGIC, &body_with_op(99, &[]));
+        let err = decode_changelog(&unknown_op).expect_err("tag 99");
+        assert!(
+            matches!(
+                err,
+                DecodeError::UnknownTag {
+                    what: "op",
+                    tag: 99,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut write = vec![0u8; 64];
+        write.push(0); // new size
+        write.push(9); // delta tag
+        let err = decode_changelog(&frame(CHANGELOG_MAGIC, &body_with_op(OP_WRITE, &write)))
+            .expect_err("delta tag 9");
+        assert!(
+            matches!(
+                err,
+                DecodeError::UnknownTag {
+                    what: "delta",
+                    tag: 9,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn overlong_and_oversized_varints_are_refused() {
+        let mut two_byte_zero = Vec::new();
+        two_byte_zero.extend_from_slice(&[0x80, 0x00]);
+        assert!(matches!(
+            decode_changelog(&frame(CHANGELOG_MAGIC, &two_byte_zero)),
+            Err(DecodeError::BadVarint { .. })
+        ));
+        let too_big = [0xff; 10];
+        assert!(matches!(
+            decode_changelog(&frame(CHANGELOG_MAGIC, &too_big)),
+            Err(DecodeError::BadVarint { .. })
+        ));
+        let mut max = Vec::new();
+        put_varint(&mut max, u64::MAX);
+        assert_eq!(max.len(), 10);
+        let mut reader = Reader::new(&max);
+        assert_eq!(reader.varint("test").expect("u64::MAX"), u64::MAX);
+    }
+
+    #[test]
+    fn transaction_count_one_over_limit_is_refused() {
+        let mut body = Vec::new();
+        put_varint(&mut body, MAX_TRANSACTIONS_PER_LOG + 1);
+        let result = decode_changelog(&frame(CHANGELOG_MAGIC, &body));
+        assert_eq!(
+            limit_exceeded(result),
+            (
+                "transaction count",
+                MAX_TRANSACTIONS_PER_LOG + 1,
+                MAX_TRANSACTIONS_PER_LOG
+            )
+        );
+    }
+
+    #[test]
+    fn transaction_count_at_limit_is_accepted() {
+        let one = tx(vec![op(
+            id(1),
+            0,
+            OpKind::SetAttr {
+                mode: Some(0o600),
+                mtime_ns: None,
+            },
+        )]);
+        let log = ChangeLog {
+            transactions: vec![one; MAX_TRANSACTIONS_PER_LOG as usize],
+        };
+        assert_eq!(
+            roundtrip(&log).expect("at the limit").transactions.len(),
+            100_000
+        );
+    }
+
+    #[test]
+    fn op_count_one_over_limit_is_refused() {
+        let ops = (0..=MAX_OPS_PER_TRANSACTION)
+            .map(|i| op(id(2), i, OpKind::Delete))
+            .collect();
+        assert_eq!(
+            limit_exceeded(roundtrip(&log_of(ops))),
+            (
+                "op count",
+                MAX_OPS_PER_TRANSACTION + 1,
+                MAX_OPS_PER_TRANSACTION
+            )
+        );
+    }
+
+    #[test]
+    fn name_of_256_bytes_is_refused_by_decoder_and_255_accepted() {
+        assert_eq!(
+            limit_exceeded(roundtrip(&log_of(vec![create(&[b'a'; 256])]))),
+            ("Create name length", 256, MAX_NAME_LEN)
+        );
+        roundtrip(&log_of(vec![create(&[b'a'; 255])])).expect("255-byte name");
+    }
+
+    #[test]
+    fn xattr_sizes_one_over_limit_are_refused() {
+        let set = |name_len: usize, value_len: usize| {
+            log_of(vec![op(
+                id(3),
+                4,
+                OpKind::SetXattr {
+                    name: vec![b'x'; name_len],
+                    value: vec![1; value_len],
+                },
+            )])
+        };
+        roundtrip(&set(255, 65_536)).expect("at the limits");
+        assert_eq!(
+            limit_exceeded(roundtrip(&set(256, 1))),
+            ("xattr name length", 256, MAX_XATTR_NAME_LEN)
+        );
+        assert_eq!(
+            limit_exceeded(roundtrip(&set(1, 65_537))),
+            ("xattr value length", 65_537, MAX_XATTR_VALUE_LEN)
+        );
+        let remove = log_of(vec![op(
+            id(3),
+            4,
+            OpKind::RemoveXattr {
+                name: vec![b'x'; 256],
+            },
+        )]);
+        assert_eq!(
+            limit_exceeded(roundtrip(&remove)),
+            ("xattr name length", 256, MAX_XATTR_NAME_LEN)
+        );
+    }
+
+    #[test]
+    fn symlink_target_one_over_limit_is_refused() {
+        let link = |len: usize| {
+            log_of(vec![op(
+                id(4),
+                0,
+                OpKind::Create {
+                    parent: ObjectId::ROOT,
+                    name: Name(b"l".to_vec()),
+                    kind: ObjectKind::Symlink {
+                        target: vec![b't'; len],
+                    },
+                    mode: 0o777,
+                    mtime_ns: 0,
+                },
+            )])
+        };
+        roundtrip(&link(4095)).expect("at the limit");
+        assert_eq!(
+            limit_exceeded(roundtrip(&link(4096))),
+            ("symlink target length", 4096, MAX_SYMLINK_TARGET_LEN)
+        );
+    }
+
+    #[test]
+    fn device_name_one_over_limit_is_refused() {
+        let mut log = log_of(vec![create(b"a")]);
+        log.transactions[0].device = "d".repeat(255);
+        roundtrip(&log).expect("at the limit");
+        log.transactions[0].device = "d".repeat(256);
+        assert_eq!(
+            limit_exceeded(roundtrip(&log)),
+            ("device name length", 256, MAX_DEVICE_NAME_LEN)
+        );
+        assert!(matches!(
+            encode_changelog_checked(&log),
+            Err(EncodeError::Invalid(ValidationError {
+                violation: Violation::DeviceNameTooLong { len: 256, .. },
+                ..
+            }))
+        ));
+    }
+
+    fn write_prefix(new_size: u64, delta_tag: u8) -> Vec<u8> {
+        let mut after_tag = vec![0u8; 64];
+        put_varint(&mut after_tag, new_size);
+        after_tag.push(delta_tag);
+        after_tag
+    }
+
+    #[test]
+    fn delta_payloads_one_over_limit_are_refused_before_allocating() {
+        // Only the length is declared: the limit must fire before the missing bytes matter.
+        for (tag, what) in [
+            (DELTA_WHOLE, "whole content length"),
+            (DELTA_RSYNC, "rsync delta length"),
+        ] {
+            let mut after_tag = write_prefix(MAX_DELTA_LEN + 1, tag);
+            put_varint(&mut after_tag, MAX_DELTA_LEN + 1);
+            let framed = frame(CHANGELOG_MAGIC, &body_with_op(OP_WRITE, &after_tag));
+            assert_eq!(
+                limit_exceeded(decode_changelog(&framed)),
+                (what, MAX_DELTA_LEN + 1, MAX_DELTA_LEN)
+            );
+        }
+        // Ranges: 10 real bytes, then a range declaring the rest of the limit plus one.
+        let mut after_tag = write_prefix(MAX_FILE_SIZE, DELTA_RANGES);
+        put_varint(&mut after_tag, MAX_FILE_SIZE);
+        put_varint(&mut after_tag, 2);
+        put_varint(&mut after_tag, 0);
+        put_bytes(&mut after_tag, &[5; 10]);
+        put_varint(&mut after_tag, 100);
+        put_varint(&mut after_tag, MAX_DELTA_LEN - 9);
+        let framed = frame(CHANGELOG_MAGIC, &body_with_op(OP_WRITE, &after_tag));
+        assert_eq!(
+            limit_exceeded(decode_changelog(&framed)),
+            ("total range bytes", MAX_DELTA_LEN + 1, MAX_DELTA_LEN)
+        );
+    }
+
+    #[test]
+    fn range_count_one_over_limit_is_refused() {
+        let ranges = |count: u64| {
+            let ranges: Vec<(u64, Vec<u8>)> = (0..count).map(|i| (i * 2, vec![1])).collect();
+            log_of(vec![op(
+                id(5),
+                1,
+                OpKind::Write {
+                    base_hash: [0; 32],
+                    new_hash: [0; 32],
+                    new_size: 1 << 20,
+                    delta: Delta::Ranges {
+                        new_size: 1 << 20,
+                        ranges,
+                    },
+                },
+            )])
+        };
+        roundtrip(&ranges(MAX_RANGES_PER_DELTA)).expect("at the limit");
+        assert_eq!(
+            limit_exceeded(roundtrip(&ranges(MAX_RANGES_PER_DELTA + 1))),
+            (
+                "range count",
+                MAX_RANGES_PER_DELTA + 1,
+                MAX_RANGES_PER_DELTA
+            )
+        );
+    }
+
+    #[test]
+    fn file_size_one_over_limit_is_refused() {
+        let truncate = |new_size| {
+            log_of(vec![op(
+                id(6),
+                1,
+                OpKind::Truncate {
+                    new_size,
+                    new_hash: [0; 32],
+                },
+            )])
+        };
+        roundtrip(&truncate(MAX_FILE_SIZE)).expect("at the limit");
+        let err = roundtrip(&truncate(MAX_FILE_SIZE + 1)).expect_err("over");
+        assert!(
+            matches!(
+                err,
+                DecodeError::Invalid(ValidationError {
+                    violation: Violation::FileTooLarge { .. },
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn decoder_validates() {
+        let log = log_of(vec![create(b"..")]);
+        let err = roundtrip(&log).expect_err("`..` is not a name");
+        assert_eq!(
+            err.to_string(),
+            "the log is well-formed but invalid: transaction 0, op 0: invalid name \"..\": \
+             name is . or .."
+        );
+    }
+
+    fn violation(log: &ChangeLog) -> Violation {
+        validate(log).expect_err("must be invalid").violation
+    }
+
+    #[test]
+    fn validation_rejects_bad_names() {
+        for bad in [&b"a/b"[..], b"a\0b", b".", b"..", &[b'n'; 256], b""] {
+            let as_create = log_of(vec![create(bad)]);
+            assert!(
+                matches!(violation(&as_create), Violation::InvalidName { .. }),
+                "{bad:?}"
+            );
+            let as_rename = log_of(vec![op(
+                id(1),
+                3,
+                OpKind::Rename {
+                    new_parent: ObjectId::ROOT,
+                    new_name: Name(bad.to_vec()),
+                },
+            )]);
+            assert!(
+                matches!(violation(&as_rename), Violation::InvalidName { .. }),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(validate(&log_of(vec![create(b"...")])), Ok(()));
+    }
+
+    #[test]
+    fn validation_rules_on_versions_root_and_transactions() {
+        let mut skipped = create(b"a");
+        skipped.new_version = 2;
+        assert_eq!(
+            violation(&log_of(vec![skipped])),
+            Violation::VersionNotIncremented { base: 0, new: 2 }
+        );
+        let overflow = Op {
+            object: id(1),
+            base_version: u64::MAX,
+            new_version: 0,
+            kind: OpKind::Delete,
+        };
+        assert!(matches!(
+            violation(&log_of(vec![overflow])),
+            Violation::VersionNotIncremented { .. }
+        ));
+        let mut late_create = create(b"a");
+        late_create.base_version = 3;
+        late_create.new_version = 4;
+        assert_eq!(
+            violation(&log_of(vec![late_create])),
+            Violation::CreateWithBase { base: 3 }
+        );
+        let mut root_create = create(b"a");
+        root_create.object = ObjectId::ROOT;
+        assert_eq!(
+            violation(&log_of(vec![root_create])),
+            Violation::NotAllowedOnRoot { op: "Create" }
+        );
+        for (kind, name) in [
+            (OpKind::Delete, "Delete"),
+            (
+                OpKind::Rename {
+                    new_parent: id(9),
+                    new_name: Name(b"r".to_vec()),
+                },
+                "Rename",
+            ),
+            (
+                OpKind::Truncate {
+                    new_size: 0,
+                    new_hash: [0; 32],
+                },
+                "Truncate",
+            ),
+        ] {
+            assert_eq!(
+                violation(&log_of(vec![op(ObjectId::ROOT, 1, kind)])),
+                Violation::NotAllowedOnRoot { op: name }
+            );
+        }
+        let root_attr = op(
+            ObjectId::ROOT,
+            1,
+            OpKind::SetAttr {
+                mode: Some(0o755),
+                mtime_ns: None,
+            },
+        );
+        let root_xattr = op(
+            ObjectId::ROOT,
+            2,
+            OpKind::SetXattr {
+                name: b"user.a".to_vec(),
+                value: vec![],
+            },
+        );
+        assert_eq!(validate(&log_of(vec![root_attr, root_xattr])), Ok(()));
+        assert_eq!(violation(&log_of(vec![])), Violation::EmptyTransaction);
+        let broken_chain = vec![create(b"a"), op(id(1), 5, OpKind::Delete)];
+        assert_eq!(
+            violation(&log_of(broken_chain)),
+            Violation::VersionChainBroken {
+                object: id(1),
+                base: 5,
+                expected: 1
+            }
+        );
+        let mut own_parent = create(b"a");
+        if let OpKind::Create { parent, .. } = &mut own_parent.kind {
+            *parent = id(1);
+        }
+        assert_eq!(violation(&log_of(vec![own_parent])), Violation::OwnParent);
+        let mut bad_mode = create(b"a");
+        if let OpKind::Create { mode, .. } = &mut bad_mode.kind {
+            *mode = MAX_MODE + 1;
+        }
+        assert_eq!(
+            violation(&log_of(vec![bad_mode])),
+            Violation::InvalidMode { mode: 0o10000 }
+        );
+        let empty_attr = op(
+            id(1),
+            1,
+            OpKind::SetAttr {
+                mode: None,
+                mtime_ns: None,
+            },
+        );
+        assert_eq!(
+            violation(&log_of(vec![empty_attr])),
+            Violation::EmptySetAttr
+        );
+    }
+
+    fn write(new_size: u64, delta: Delta) -> ChangeLog {
+        log_of(vec![op(
+            id(1),
+            1,
+            OpKind::Write {
+                base_hash: [0; 32],
+                new_hash: [0; 32],
+                new_size,
+                delta,
+            },
+        )])
+    }
+
+    #[test]
+    fn validation_rules_on_deltas() {
+        assert_eq!(
+            violation(&write(3, Delta::Whole(vec![1, 2]))),
+            Violation::WholeSizeMismatch {
+                len: 2,
+                new_size: 3
+            }
+        );
+        let ranges = |new_size, ranges| Delta::Ranges { new_size, ranges };
+        assert_eq!(
+            violation(&write(10, ranges(11, vec![]))),
+            Violation::RangesSizeMismatch {
+                delta_size: 11,
+                op_size: 10
+            }
+        );
+        assert_eq!(
+            violation(&write(10, ranges(10, vec![(8, vec![1, 2, 3])]))),
+            Violation::RangeOutOfBounds {
+                index: 0,
+                offset: 8,
+                len: 3,
+                new_size: 10
+            }
+        );
+        assert!(matches!(
+            violation(&write(10, ranges(10, vec![(u64::MAX, vec![1])]))),
+            Violation::RangeOutOfBounds { .. }
+        ));
+        assert_eq!(
+            violation(&write(10, ranges(10, vec![(0, vec![1]), (2, vec![])]))),
+            Violation::EmptyRange { index: 1 }
+        );
+        assert_eq!(
+            validate(&write(10, ranges(10, vec![(7, vec![1, 2, 3])]))),
+            Ok(())
+        );
+        assert_eq!(
+            violation(&write(10, Delta::Rsync(b"nope".to_vec()))),
+            Violation::RsyncMagic
+        );
+        assert_eq!(
+            validate(&write(10, Delta::Rsync(RSYNC_DELTA_MAGIC.to_vec()))),
+            Ok(())
+        );
     }
 }
