@@ -923,6 +923,57 @@ mod tests {
         }
     }
 
+    /// The example of `docs/change-log-format.md`: version 1 is frozen by it.
+    const DOC_EXAMPLE_BODY: &str = "01 11111111111111111111111111111111 06 6c6170746f70 \
+        0068e5cf8b010000 01 22222222222222222222222222222222 00 01 01 \
+        00000000000000000000000000000000 05 612e747874 01 a4010000 00002a36fe9c9717";
+    const DOC_EXAMPLE_ENCODED: &str = "4444434c01000000570000000000000\
+        03f00000000000000a77b56f0d33f5f3d28b52ffd24579501005402011106\
+        6c6170746f700068e5cf8b0100000122000101000561 2e74787401a42a36fe9c97\
+        1704003c050e3a1274ab03587ffc3619";
+
+    fn unhex(text: &str) -> Vec<u8> {
+        let digits: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        hex::decode(digits).expect("hex")
+    }
+
+    fn doc_example() -> ChangeLog {
+        ChangeLog {
+            transactions: vec![Transaction {
+                id: [0x11; 16],
+                device: "laptop".into(),
+                time_ms: 1_700_000_000_000,
+                ops: vec![Op {
+                    object: ObjectId([0x22; 16]),
+                    base_version: 0,
+                    new_version: 1,
+                    kind: OpKind::Create {
+                        parent: ObjectId::ROOT,
+                        name: Name(b"a.txt".to_vec()),
+                        kind: ObjectKind::File,
+                        mode: 0o644,
+                        mtime_ns: 1_700_000_000_000_000_000,
+                    },
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn version_1_doc_example_is_frozen() {
+        let log = doc_example();
+        let mut body = Vec::new();
+        put_varint(&mut body, 1);
+        put_transaction(&mut body, &log.transactions[0]);
+        assert_eq!(hex::encode(&body), hex::encode(unhex(DOC_EXAMPLE_BODY)));
+        let encoded = unhex(DOC_EXAMPLE_ENCODED);
+        assert_eq!(encoded.len(), 95);
+        assert_eq!(
+            decode_changelog(&encoded).expect("the doc example decodes"),
+            log
+        );
+    }
+
     #[test]
     fn header_layout_is_as_documented() {
         let encoded = encode_changelog(&sample_log());
