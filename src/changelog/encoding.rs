@@ -9,9 +9,9 @@
 use std::io::{Read, Write};
 
 use super::limits::{
-    MAX_BODY_LEN, MAX_DELTA_LEN, MAX_DEVICE_NAME_LEN, MAX_NAME_LEN, MAX_OPS_PER_TRANSACTION,
-    MAX_RANGES_PER_DELTA, MAX_SYMLINK_TARGET_LEN, MAX_TRANSACTIONS_PER_LOG, MAX_XATTR_NAME_LEN,
-    MAX_XATTR_VALUE_LEN,
+    MAX_BODY_LEN, MAX_DELTA_LEN, MAX_DEVICE_NAME_LEN, MAX_NAME_LEN, MAX_OPS_PER_LOG,
+    MAX_OPS_PER_TRANSACTION, MAX_RANGES_PER_DELTA, MAX_RANGES_PER_LOG, MAX_SYMLINK_TARGET_LEN,
+    MAX_TRANSACTIONS_PER_LOG, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN,
 };
 use super::model::{ChangeLog, Delta, Name, ObjectId, ObjectKind, Op, OpKind, Transaction};
 use super::validate::{validate, validate_transaction, ValidationError};
@@ -454,11 +454,40 @@ const MIN_RANGE_LEN: usize = 3;
 struct Reader<'a> {
     body: &'a [u8],
     offset: usize,
+    /// Ops decoded so far, against [`MAX_OPS_PER_LOG`].
+    ops_seen: u64,
+    /// Ranges decoded so far, against [`MAX_RANGES_PER_LOG`].
+    ranges_seen: u64,
 }
 
 impl<'a> Reader<'a> {
     fn new(body: &'a [u8]) -> Self {
-        Reader { body, offset: 0 }
+        Reader {
+            body,
+            offset: 0,
+            ops_seen: 0,
+            ranges_seen: 0,
+        }
+    }
+
+    /// Adds `count` to a running total and refuses it past `max`, before anything is allocated.
+    fn charge(
+        total: &mut u64,
+        count: u64,
+        max: u64,
+        what: &'static str,
+        offset: usize,
+    ) -> Result<(), DecodeError> {
+        *total = total.saturating_add(count);
+        if *total > max {
+            return Err(DecodeError::LimitExceeded {
+                what,
+                value: *total,
+                max,
+                offset,
+            });
+        }
+        Ok(())
     }
 
     fn remaining(&self) -> usize {
@@ -586,7 +615,15 @@ impl<'a> Reader<'a> {
                 offset: device_offset,
             })?;
         let time_ms = self.i64("transaction time")?;
+        let count_offset = self.offset;
         let count = self.count("op count", MAX_OPS_PER_TRANSACTION)?;
+        Self::charge(
+            &mut self.ops_seen,
+            count,
+            MAX_OPS_PER_LOG,
+            "total op count",
+            count_offset,
+        )?;
         let mut ops = Vec::with_capacity(self.capacity_for(count, MIN_OP_LEN));
         for _ in 0..count {
             ops.push(self.op()?);
@@ -722,7 +759,15 @@ impl<'a> Reader<'a> {
             )),
             DELTA_RANGES => {
                 let new_size = self.varint("ranges new size")?;
+                let count_offset = self.offset;
                 let count = self.count("range count", MAX_RANGES_PER_DELTA)?;
+                Self::charge(
+                    &mut self.ranges_seen,
+                    count,
+                    MAX_RANGES_PER_LOG,
+                    "total range count",
+                    count_offset,
+                )?;
                 let mut ranges = Vec::with_capacity(self.capacity_for(count, MIN_RANGE_LEN));
                 let mut total: u64 = 0;
                 for _ in 0..count {
@@ -764,7 +809,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::arbitrary::{arb_changelog, arb_transaction};
-    use super::super::limits::{MAX_FILE_SIZE, MAX_MODE};
+    use super::super::limits::{MAX_FILE_SIZE, MAX_MODE, MAX_OPS_PER_LOG, MAX_RANGES_PER_LOG};
     use super::super::validate::{Violation, RSYNC_DELTA_MAGIC};
     use super::*;
 
@@ -1163,6 +1208,86 @@ mod tests {
                 MAX_OPS_PER_TRANSACTION + 1,
                 MAX_OPS_PER_TRANSACTION
             )
+        );
+    }
+
+    #[test]
+    fn total_ops_one_over_the_log_limit_is_refused() {
+        // 10 transactions of 100 000 ops, then one more op: declared counts are charged
+        // before the ops are read, so the counts alone trip the limit.
+        let mut body = Vec::new();
+        put_varint(&mut body, 11);
+        for count in [MAX_OPS_PER_TRANSACTION; 10] {
+            body.extend_from_slice(&[7; 16]);
+            put_bytes(&mut body, b"d");
+            body.extend_from_slice(&0i64.to_le_bytes());
+            put_varint(&mut body, count);
+            for version in 0..count {
+                put_op(&mut body, &op(id(1), version, OpKind::Delete));
+            }
+        }
+        body.extend_from_slice(&[7; 16]);
+        put_bytes(&mut body, b"d");
+        body.extend_from_slice(&0i64.to_le_bytes());
+        put_varint(&mut body, 1);
+        assert_eq!(
+            limit_exceeded(decode_changelog(&frame(CHANGELOG_MAGIC, &body))),
+            ("total op count", MAX_OPS_PER_LOG + 1, MAX_OPS_PER_LOG)
+        );
+        let one_op_each = ChangeLog {
+            transactions: vec![tx(vec![op(id(1), 0, OpKind::Delete)]); 11],
+        };
+        let mut over = one_op_each.clone();
+        over.transactions[0].ops = (0..MAX_OPS_PER_TRANSACTION)
+            .map(|v| op(id(2), v, OpKind::Delete))
+            .collect();
+        for t in 1..10 {
+            over.transactions[t].ops = over.transactions[0].ops.clone();
+        }
+        assert_eq!(
+            violation(&over),
+            Violation::TooManyOpsInLog {
+                count: MAX_OPS_PER_LOG + 1
+            }
+        );
+    }
+
+    #[test]
+    fn total_ranges_one_over_the_log_limit_is_refused() {
+        let ranges_op = |count: u64| {
+            op(
+                id(5),
+                1,
+                OpKind::Write {
+                    base_hash: [0; 32],
+                    new_hash: [0; 32],
+                    new_size: 1 << 20,
+                    delta: Delta::Ranges {
+                        new_size: 1 << 20,
+                        ranges: (0..count).map(|i| (i * 2, vec![1])).collect(),
+                    },
+                },
+            )
+        };
+        let full = tx(vec![ranges_op(50_000)]);
+        let mut log = ChangeLog {
+            transactions: vec![full; 20],
+        };
+        roundtrip(&log).expect("at the limit");
+        log.transactions.push(tx(vec![ranges_op(1)]));
+        assert_eq!(
+            limit_exceeded(roundtrip(&log)),
+            (
+                "total range count",
+                MAX_RANGES_PER_LOG + 1,
+                MAX_RANGES_PER_LOG
+            )
+        );
+        assert_eq!(
+            violation(&log),
+            Violation::TooManyRangesInLog {
+                count: MAX_RANGES_PER_LOG + 1
+            }
         );
     }
 

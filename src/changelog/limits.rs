@@ -14,6 +14,14 @@ pub const MAX_TRANSACTIONS_PER_LOG: u64 = 100_000;
 /// The most ops one transaction may hold.
 pub const MAX_OPS_PER_TRANSACTION: u64 = 100_000;
 
+/// The most ops one change log (or one transaction) may hold in all. Bounds the decoder's memory:
+/// an op takes about 150 bytes decoded but as few as 19 encoded.
+pub const MAX_OPS_PER_LOG: u64 = 1_000_000;
+
+/// The most `Delta::Ranges` ranges one change log (or one transaction) may hold in all. Bounds
+/// the decoder's memory like [`MAX_OPS_PER_LOG`]: a range takes 3 bytes encoded.
+pub const MAX_RANGES_PER_LOG: u64 = 1_000_000;
+
 /// The most payload bytes one delta may carry: the whole content of `Delta::Whole`, the rsync
 /// bytes of `Delta::Rsync`, or the sum of the range bytes of `Delta::Ranges` (128 MiB).
 pub const MAX_DELTA_LEN: u64 = 128 * 1024 * 1024;

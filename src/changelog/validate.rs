@@ -4,7 +4,8 @@
 //! decoder runs these checks on everything it decodes, so a decoded log obeys every rule below;
 //! the rules need no state (no knowledge of the user's tree), only the log itself. The rules:
 //!
-//! 1. A log holds at most [`MAX_TRANSACTIONS_PER_LOG`] transactions; a transaction holds
+//! 1. A log holds at most [`MAX_TRANSACTIONS_PER_LOG`] transactions, [`MAX_OPS_PER_LOG`] ops
+//!    and [`MAX_RANGES_PER_LOG`] ranges in all; a transaction holds
 //!    1..=[`MAX_OPS_PER_TRANSACTION`] ops and a device name of at most [`MAX_DEVICE_NAME_LEN`] bytes.
 //! 2. Every op has `new_version == base_version + 1`.
 //! 3. Within one transaction, the ops on one object chain: an op's `base_version` equals the
@@ -29,9 +30,9 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::limits::{
-    MAX_DELTA_LEN, MAX_DEVICE_NAME_LEN, MAX_FILE_SIZE, MAX_MODE, MAX_OPS_PER_TRANSACTION,
-    MAX_RANGES_PER_DELTA, MAX_SYMLINK_TARGET_LEN, MAX_TRANSACTIONS_PER_LOG, MAX_XATTR_NAME_LEN,
-    MAX_XATTR_VALUE_LEN,
+    MAX_DELTA_LEN, MAX_DEVICE_NAME_LEN, MAX_FILE_SIZE, MAX_MODE, MAX_OPS_PER_LOG,
+    MAX_OPS_PER_TRANSACTION, MAX_RANGES_PER_DELTA, MAX_RANGES_PER_LOG, MAX_SYMLINK_TARGET_LEN,
+    MAX_TRANSACTIONS_PER_LOG, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN,
 };
 use super::model::{ChangeLog, Delta, Name, ObjectId, ObjectKind, Op, OpKind, Transaction};
 
@@ -69,6 +70,10 @@ impl fmt::Display for Location {
 pub enum Violation {
     #[error("the log holds {count} transactions, more than the limit of {max}")]
     TooManyTransactions { count: u64, max: u64 },
+    #[error("the log holds {count} ops in all, more than the limit of {max}", max = MAX_OPS_PER_LOG)]
+    TooManyOpsInLog { count: u64 },
+    #[error("the log holds {count} ranges in all, more than the limit of {max}", max = MAX_RANGES_PER_LOG)]
+    TooManyRangesInLog { count: u64 },
     #[error("the transaction holds no op")]
     EmptyTransaction,
     #[error("the transaction holds {count} ops, more than the limit of {max}")]
@@ -147,8 +152,9 @@ pub fn validate(log: &ChangeLog) -> Result<(), ValidationError> {
             },
         });
     }
+    let mut totals = Totals::default();
     for (index, transaction) in log.transactions.iter().enumerate() {
-        check_transaction(transaction).map_err(|mut e| {
+        check_transaction(transaction, &mut totals).map_err(|mut e| {
             e.transaction = index;
             e
         })?;
@@ -156,19 +162,49 @@ pub fn validate(log: &ChangeLog) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Counts across a whole log, for the per-log limits.
+#[derive(Default)]
+struct Totals {
+    ops: u64,
+    ranges: u64,
+}
+
+impl Totals {
+    fn add(&mut self, op: &Op) -> Result<(), Violation> {
+        self.ops = self.ops.saturating_add(1);
+        if self.ops > MAX_OPS_PER_LOG {
+            return Err(Violation::TooManyOpsInLog { count: self.ops });
+        }
+        if let OpKind::Write {
+            delta: Delta::Ranges { ranges, .. },
+            ..
+        } = &op.kind
+        {
+            self.ranges = self.ranges.saturating_add(len_u64(ranges.len()));
+            if self.ranges > MAX_RANGES_PER_LOG {
+                return Err(Violation::TooManyRangesInLog { count: self.ranges });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks every rule of the module documentation on one transaction.
 ///
 /// # Errors
 /// The first broken rule (its `transaction` index is 0).
 pub fn validate_transaction(transaction: &Transaction) -> Result<(), ValidationError> {
-    check_transaction(transaction)
+    check_transaction(transaction, &mut Totals::default())
 }
 
 fn len_u64(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
 }
 
-fn check_transaction(transaction: &Transaction) -> Result<(), ValidationError> {
+fn check_transaction(
+    transaction: &Transaction,
+    totals: &mut Totals,
+) -> Result<(), ValidationError> {
     let at_tx = |violation| ValidationError {
         transaction: 0,
         op: None,
@@ -199,6 +235,7 @@ fn check_transaction(transaction: &Transaction) -> Result<(), ValidationError> {
             violation,
         };
         check_op(op).map_err(at_op)?;
+        totals.add(op).map_err(at_op)?;
         if let Some(&expected) = last_version.get(&op.object) {
             if op.base_version != expected {
                 return Err(at_op(Violation::VersionChainBroken {
