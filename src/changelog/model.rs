@@ -135,7 +135,10 @@ pub enum Delta {
     Whole(Vec<u8>),
     /// The base content resized to `new_size` (cut, or extended with zeros), then each
     /// range's bytes written at its offset, in order.
-    Ranges { new_size: u64, ranges: Vec<(u64, Vec<u8>)> },
+    Ranges {
+        new_size: u64,
+        ranges: Vec<(u64, Vec<u8>)>,
+    },
     /// An rsync delta (fast_rsync / librsync format) against the base content.
     Rsync(Vec<u8>),
 }
@@ -161,9 +164,15 @@ pub enum OpKind {
         delta: Delta,
     },
     /// Cuts or extends (with zeros) a file's content.
-    Truncate { new_size: u64, new_hash: ContentHash },
+    Truncate {
+        new_size: u64,
+        new_hash: ContentHash,
+    },
     /// Moves the object to another folder and/or name.
-    Rename { new_parent: ObjectId, new_name: Name },
+    Rename {
+        new_parent: ObjectId,
+        new_name: Name,
+    },
     /// Removes the object (a folder: only once it is empty, in the same transaction or before).
     Delete,
     /// Changes attributes; `None` leaves one as it is.
