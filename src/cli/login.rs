@@ -9,11 +9,7 @@ use crate::home::Home;
 pub fn login(args: LoginArgs) -> anyhow::Result<()> {
     let home = Home::resolve(args.home.home.as_deref())?;
     let password = read_secret(&args.password_file)?;
-    let ca = args
-        .ca_cert
-        .as_ref()
-        .map(|p| std::path::absolute(p))
-        .transpose()?;
+    let ca = args.ca_cert.as_ref().map(std::path::absolute).transpose()?;
     let client = Client::new(&args.server, None, ca.as_deref())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -19,7 +19,7 @@ use crate::changelog::{
 };
 
 use super::backend::{
-    AppendRecord, Backend, ChunkId, CommitBatch, HistoryEntry, ObjectState, StoredKind,
+    AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HistoryEntry, ObjectState, StoredKind,
 };
 use super::error::{ApiError, StaleOp};
 
@@ -68,6 +68,9 @@ pub fn split_chunks(content: &[u8]) -> Vec<(ChunkId, Vec<u8>)> {
         .collect()
 }
 
+/// A directory entry: (parent, name).
+type EntryKey = ([u8; 16], Vec<u8>);
+
 /// The objects an append reads and changes, over the backend's committed state.
 struct Overlay<'a> {
     backend: &'a dyn Backend,
@@ -77,9 +80,9 @@ struct Overlay<'a> {
     /// State after the ops applied so far (None: absent).
     current: HashMap<[u8; 16], Option<ObjectState>>,
     /// Directory entries added or removed so far: (parent, name) → child.
-    entries: HashMap<([u8; 16], Vec<u8>), Option<[u8; 16]>>,
+    entries: HashMap<EntryKey, Option<[u8; 16]>>,
     /// Committed entries of folders read so far.
-    listed: HashMap<[u8; 16], Vec<(Vec<u8>, [u8; 16])>>,
+    listed: HashMap<[u8; 16], DirEntries>,
     /// New content of files written so far.
     content: HashMap<[u8; 16], Vec<u8>>,
     /// Content changes to record in history: object → (version, time, device).
@@ -104,7 +107,7 @@ impl<'a> Overlay<'a> {
         self.current.insert(id, s);
     }
 
-    async fn children(&mut self, dir: [u8; 16]) -> Result<Vec<(Vec<u8>, [u8; 16])>, ApiError> {
+    async fn children(&mut self, dir: [u8; 16]) -> Result<DirEntries, ApiError> {
         if !self.listed.contains_key(&dir) {
             let l = self
                 .backend

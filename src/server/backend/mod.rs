@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 /// A boxed future returned by [`Backend`] methods (object-safe async).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
 
+/// The entries of one directory: (name, child id).
+pub type DirEntries = Vec<(Vec<u8>, [u8; 16])>;
+
 /// The BLAKE3 hash naming one content chunk.
 pub type ChunkId = [u8; 32];
 
@@ -173,7 +176,7 @@ pub trait Backend: Send + Sync + 'static {
     fn idempotency(&self, user: String, key: String) -> BoxFut<'_, Option<AppendRecord>>;
     fn get_object(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Option<ObjectState>>;
     /// The entries of one directory: (name, child id).
-    fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, Vec<(Vec<u8>, [u8; 16])>>;
+    fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, DirEntries>;
     /// Commits one append atomically and durably (see [`CommitBatch`]).
     fn commit(&self, user: String, batch: CommitBatch) -> BoxFut<'_, ()>;
     /// Up to `limit` entries after `after`, stopping past `max_bytes` (at least one entry).

@@ -17,8 +17,8 @@ use rocksdb::{
 };
 
 use super::{
-    AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, HistoryEntry,
-    ObjectState, TokenRecord, UserLock, UserRecord,
+    AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries,
+    HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
 };
 
 const CF_META: &str = "meta";
@@ -51,6 +51,9 @@ const USER_CFS: [&str; 7] = [
     CF_IDEM,
     CF_META,
 ];
+
+/// One RocksDB key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
 
 const ADMIN_KEY: &[u8] = b"\0admin_token_hash";
 
@@ -156,7 +159,7 @@ impl Inner {
         self.db.write_opt(batch, &wo).map_err(db_err)
     }
 
-    fn scan_prefix(&self, cf: &str, p: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BackendError> {
+    fn scan_prefix(&self, cf: &str, p: &[u8]) -> Result<Vec<KeyValue>, BackendError> {
         let mut out = Vec::new();
         let it = self
             .db
@@ -433,7 +436,7 @@ impl Backend for Embedded {
         })
     }
 
-    fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, Vec<(Vec<u8>, [u8; 16])>> {
+    fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, DirEntries> {
         self.blocking(move |i| {
             let p = key(&user, &[&dir]);
             i.scan_prefix(CF_CHILDREN, &p)?
