@@ -7,6 +7,7 @@
 //! ```
 //! Without `--server` it starts the built binary (`target/*/deltadrive`) on a temporary folder.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -156,10 +157,11 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
         }
         users.push(devs);
     }
-    // ack time of each seq per user, and wake times of waiters.
-    let acks: Arc<Mutex<Vec<std::collections::HashMap<u64, Instant>>>> =
-        Arc::new(Mutex::new(vec![Default::default(); args.users]));
-    let wakes: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    // (user, seq) → (appending device, acknowledgement time); and every wake-up as
+    // (user, seq, waking device, time). Latencies are computed at the end, so a waiter that wakes
+    // before the appender has recorded its acknowledgement is still counted (as 0).
+    let acks: Arc<Mutex<HashMap<(usize, u64), (usize, Instant)>>> = Arc::default();
+    let wakes: Arc<Mutex<Vec<(usize, u64, usize, Instant)>>> = Arc::default();
     let appends: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let end = start + args.duration;
@@ -167,9 +169,9 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
     for (u, devs) in users.into_iter().enumerate() {
         for (d, c) in devs.into_iter().enumerate() {
             // Device 0 of each user only long-polls; the others append and long-poll.
-            let (acks, wakes, appends) = (acks.clone(), wakes.clone(), appends.clone());
+            let (acks, appends) = (acks.clone(), appends.clone());
             let waiter = c.clone();
-            let (acks2, wakes2) = (acks.clone(), wakes.clone());
+            let wakes2 = wakes.clone();
             tasks.push(tokio::spawn(async move {
                 let mut after = 0;
                 while Instant::now() < end {
@@ -178,12 +180,9 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
                     };
                     let now = Instant::now();
                     if head > after {
-                        let a = acks2.lock();
                         let mut w = wakes2.lock();
                         for seq in after + 1..=head {
-                            if let Some(t) = a[u].get(&seq) {
-                                w.push(now.saturating_duration_since(*t).as_secs_f64() * 1000.0);
-                            }
+                            w.push((u, seq, d, now));
                         }
                         after = head;
                     }
@@ -220,7 +219,7 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
                     match c.append(&key, body).await {
                         Ok(r) => {
                             let now = Instant::now();
-                            acks.lock()[u].insert(r.first_seq, now);
+                            acks.lock().insert((u, r.first_seq), (d, now));
                             appends.lock().push((now - t0).as_secs_f64() * 1000.0);
                         }
                         Err(e) => {
@@ -238,7 +237,17 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
     }
     let secs = start.elapsed().as_secs_f64();
     let mut ap = appends.lock().clone();
-    let mut wk = wakes.lock().clone();
+    let mut wk: Vec<f64> = {
+        let acks = acks.lock();
+        wakes
+            .lock()
+            .iter()
+            .filter_map(|(u, seq, d, at)| {
+                let (by, acked) = acks.get(&(*u, *seq))?;
+                (by != d).then(|| at.saturating_duration_since(*acked).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
     let n = ap.len();
     let rate = n as f64 / secs;
     let (a50, a99) = (pct(&mut ap, 0.5), pct(&mut ap, 0.99));
