@@ -367,3 +367,26 @@ pub async fn history(
             .collect(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_parsed_against_the_size() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), (0, 10));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
+        assert_eq!(parse_range("bytes=-5", 100).unwrap(), (95, 100));
+        assert_eq!(parse_range("bytes=50-1000", 100).unwrap(), (50, 100));
+        for bad in [
+            "bytes=100-",
+            "bytes=5-1",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=x-1",
+            "bytes=-0",
+        ] {
+            assert!(parse_range(bad, 100).is_err(), "{bad}");
+        }
+    }
+}
