@@ -19,6 +19,11 @@ use deltadrive::changelog::{
 use deltadrive::client::Client;
 use parking_lot::Mutex;
 
+/// (user, seq) → (appending device, acknowledgement time).
+type Acks = HashMap<(usize, u64), (usize, Instant)>;
+/// Every wake-up: (user, seq, waking device, time).
+type Wakes = Vec<(usize, u64, usize, Instant)>;
+
 struct Args {
     users: usize,
     devices: usize,
@@ -160,8 +165,8 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
     // (user, seq) → (appending device, acknowledgement time); and every wake-up as
     // (user, seq, waking device, time). Latencies are computed at the end, so a waiter that wakes
     // before the appender has recorded its acknowledgement is still counted (as 0).
-    let acks: Arc<Mutex<HashMap<(usize, u64), (usize, Instant)>>> = Arc::default();
-    let wakes: Arc<Mutex<Vec<(usize, u64, usize, Instant)>>> = Arc::default();
+    let acks: Arc<Mutex<Acks>> = Arc::default();
+    let wakes: Arc<Mutex<Wakes>> = Arc::default();
     let appends: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let end = start + args.duration;

@@ -520,6 +520,20 @@ async fn idempotent_retry_is_stored_once() {
     let page = c.read_log(0, 100).await.unwrap();
     assert_eq!(page.head, 2);
     assert_eq!(page.entries.len(), 2);
+    // The same key with another body is refused.
+    let other = encode_changelog(&ChangeLog {
+        transactions: vec![tx(vec![create(
+            ObjectId::random(),
+            ObjectId::ROOT,
+            "y",
+            ObjectKind::File,
+        )])],
+    });
+    assert_eq!(
+        status(&c.append(&key, other).await.unwrap_err()),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(c.read_log(0, 100).await.unwrap().head, 2);
     // Missing key → 400.
     let tok = login_token(&s, "alice", "phone").await;
     let r = raw_post_log(&s, &tok, None, body).await;

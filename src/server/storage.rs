@@ -221,6 +221,11 @@ impl Storage {
             .idempotency(user.to_string(), idempotency_key.to_string())
             .await?
         {
+            if rec.body_hash != *blake3::hash(body).as_bytes() {
+                return Err(ApiError::Conflict(
+                    "this Idempotency-Key was already used for a different change log".into(),
+                ));
+            }
             return Ok(rec);
         }
         validate(&log).map_err(|e| ApiError::Unprocessable(format!("invalid change log: {e}")))?;
@@ -236,6 +241,7 @@ impl Storage {
         let rec = AppendRecord {
             first_seq: head + 1,
             last_seq: head + log.transactions.len() as u64,
+            body_hash: *blake3::hash(body).as_bytes(),
         };
         batch.idempotency = (idempotency_key.to_string(), rec);
         // Content first, durably; then the metadata that names it.

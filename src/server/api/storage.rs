@@ -36,7 +36,7 @@ pub async fn append(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<crate::server::backend::AppendRecord>, ApiError> {
+) -> Result<Json<AppendView>, ApiError> {
     let key = headers
         .get("idempotency-key")
         .ok_or_else(|| ApiError::BadRequest("the Idempotency-Key header is required".into()))?
@@ -54,7 +54,17 @@ pub async fn append(
         .metrics
         .appended((rec.last_seq + 1).saturating_sub(rec.first_seq) as usize);
     tracing::debug!(user = %auth.user, device = %auth.device, first = rec.first_seq, last = rec.last_seq, "appended");
-    Ok(Json(rec))
+    Ok(Json(AppendView {
+        first_seq: rec.first_seq,
+        last_seq: rec.last_seq,
+    }))
+}
+
+/// The answer to an append.
+#[derive(Serialize, Deserialize)]
+pub struct AppendView {
+    pub first_seq: u64,
+    pub last_seq: u64,
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,8 @@
 //! - the backend holds no state logic (versions, tree rules, deltas): the storage service decides,
 //!   the backend stores.
 
+#[cfg(test)]
+pub mod conformance;
 pub mod embedded;
 
 use std::collections::BTreeMap;
@@ -143,6 +145,9 @@ pub struct CommitBatch {
 pub struct AppendRecord {
     pub first_seq: u64,
     pub last_seq: u64,
+    /// BLAKE3 of the appended body, so a key reused for another body is refused.
+    #[serde(default)]
+    pub body_hash: [u8; 32],
 }
 
 /// A held per-user commit lock; dropping it releases the lock.

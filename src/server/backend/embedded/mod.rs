@@ -200,7 +200,10 @@ impl Inner {
         let dir = path
             .parent()
             .ok_or_else(|| BackendError::Corrupt("chunk path".into()))?;
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::File::open(&self.chunk_dir)?.sync_all()?;
+        }
         let tmp = dir.join(format!(
             ".tmp-{}-{}",
             hex::encode(id),
@@ -537,5 +540,22 @@ impl Backend for Embedded {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BackendError::NotFound),
             Err(e) => Err(e.into()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_backend_conformance_suite() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let b = super::Embedded::open(dir.path()).expect("open");
+        crate::server::backend::conformance::run(&b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_open_of_the_same_folder_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let _b = super::Embedded::open(dir.path()).expect("open");
+        assert!(super::Embedded::open(dir.path()).is_err());
     }
 }
