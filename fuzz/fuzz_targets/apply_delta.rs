@@ -76,7 +76,10 @@ fuzz_target!(|data: &[u8]| {
                 Ok(())
             })
             .expect("ranges");
-            assert_eq!(delta::apply(base, &ranges, LIMIT).expect("ranges apply"), payload);
+            assert_eq!(
+                delta::apply(base, &ranges, LIMIT).expect("ranges apply"),
+                payload
+            );
         }
     }
 });
