@@ -7,7 +7,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod admin;
+pub mod login;
 pub mod mount;
+pub mod server;
 
 /// A synced folder for Linux: FUSE-mounted, byte-precise deltas, writable offline.
 #[derive(Parser, Debug)]
@@ -61,6 +64,21 @@ pub struct ServerArgs {
     /// TLS private key (PEM)
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Largest request body accepted, in bytes (413 beyond)
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
+    pub max_request_bytes: usize,
+    /// Largest file content the server keeps, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    pub max_object_bytes: u64,
+    /// How many versions of each file's content the server keeps
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub history_versions: usize,
+    /// Longest a long poll (`GET /v1/log/wait`) waits, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    pub max_wait_ms: u64,
+    /// The base URL devices are told to use for storage [default: the URL they reached]
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -175,9 +193,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => mount::mount(a),
         Command::Unmount(a) => mount::unmount(a),
         Command::Status(a) => mount::status(a),
-        Command::Server(_) => not_yet("server", 4),
-        Command::Admin(_) => not_yet("admin", 4),
-        Command::Login(_) => not_yet("login", 4),
+        Command::Server(a) => server::server(a),
+        Command::Admin(a) => admin::admin(a),
+        Command::Login(a) => login::login(a),
         Command::Watch(_) => not_yet("watch", 6),
         Command::History(_) | Command::Restore(_) => not_yet("history/restore", 5),
     }

@@ -57,7 +57,6 @@ pub struct FsOptions {
     pub writeback_cache: bool,
 }
 
-
 struct FileHandleState {
     file: Arc<File>,
 }

@@ -3,6 +3,8 @@
 //! prints the logs of the processes it started when the test fails.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

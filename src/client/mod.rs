@@ -1,0 +1,406 @@
+//! The reqwest client of the server's HTTP API (`docs/http-api.md`), used by `admin` and
+//! `login` and by the sync engine, and [`DeviceConfig`], the device's login kept in
+//! `H/device.json` (mode 0600).
+//!
+//! What always holds: every non-2xx answer becomes a [`ClientError::Api`] carrying the status
+//! and the server's one-line message; TLS uses rustls with the ring provider.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::home::Home;
+
+/// Failures talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("server answered {status}: {message}")]
+    Api {
+        status: StatusCode,
+        message: String,
+        /// The raw JSON body (e.g. the `stale` list of a 409).
+        body: Option<serde_json::Value>,
+    },
+    #[error("cannot reach the server: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("bad answer from the server: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A user as listed by the admin API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub created_ms: i64,
+}
+
+/// A device as listed by the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub id: String,
+    pub revoked: bool,
+    pub created_ms: i64,
+    pub last_login_ms: i64,
+}
+
+/// The answer to a login.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoginInfo {
+    pub token: String,
+    pub device_id: String,
+    pub storage_url: String,
+}
+
+/// The sequence numbers an append got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendResult {
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// One page of the log: entries (seq, encoded transaction) and the head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPage {
+    pub head: u64,
+    pub entries: Vec<(u64, Vec<u8>)>,
+}
+
+/// Splits the binary framing of `GET /v1/log` (u64 BE seq, u32 BE len, bytes; repeated).
+pub fn parse_log_frames(mut b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 12 {
+            return Err(ClientError::Decode("truncated log frame header".into()));
+        }
+        let seq = u64::from_be_bytes(
+            b[..8]
+                .try_into()
+                .map_err(|_| ClientError::Decode("seq".into()))?,
+        );
+        let len = u32::from_be_bytes(
+            b[8..12]
+                .try_into()
+                .map_err(|_| ClientError::Decode("len".into()))?,
+        ) as usize;
+        b = &b[12..];
+        if b.len() < len {
+            return Err(ClientError::Decode("truncated log frame".into()));
+        }
+        out.push((seq, b[..len].to_vec()));
+        b = &b[len..];
+    }
+    Ok(out)
+}
+
+/// A client of one server, with an optional bearer token.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of `base` (e.g. `https://host:8443`), trusting `ca_cert` (PEM) if given.
+    ///
+    /// # Errors
+    /// The CA file cannot be read or parsed, or the TLS set-up fails.
+    pub fn new(
+        base: &str,
+        token: Option<String>,
+        ca_cert: Option<&Path>,
+    ) -> Result<Client, ClientError> {
+        crate::server::install_crypto_provider();
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(ca) = ca_cert {
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientError::Config(format!("cannot read {}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ClientError::Config(format!("bad CA certificate {}: {e}", ca.display()))
+            })?;
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http: b.build()?,
+        })
+    }
+
+    /// The same client with another token.
+    pub fn with_token(&self, token: impl Into<String>) -> Client {
+        Client {
+            base: self.base.clone(),
+            token: Some(token.into()),
+            http: self.http.clone(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        let r = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let body: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        let message = body
+            .as_ref()
+            .and_then(|v| v.get("error"))
+            .and_then(|e| e.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(200).collect());
+        Err(ClientError::Api {
+            status,
+            message,
+            body,
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(r: RequestBuilder) -> Result<T, ClientError> {
+        let resp = Self::check(r.send().await?).await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn empty(r: RequestBuilder) -> Result<(), ClientError> {
+        Self::check(r.send().await?).await.map(|_| ())
+    }
+
+    pub async fn health(&self) -> Result<(), ClientError> {
+        Self::empty(self.req(Method::GET, "/healthz")).await
+    }
+
+    pub async fn add_user(&self, name: &str, password: &str) -> Result<UserInfo, ClientError> {
+        Self::json(
+            self.req(Method::POST, "/v1/admin/users")
+                .json(&serde_json::json!({"name": name, "password": password})),
+        )
+        .await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>, ClientError> {
+        Self::json(self.req(Method::GET, "/v1/admin/users")).await
+    }
+
+    pub async fn remove_user(&self, name: &str) -> Result<(), ClientError> {
+        Self::empty(self.req(Method::DELETE, &format!("/v1/admin/users/{name}"))).await
+    }
+
+    pub async fn admin_list_devices(&self, user: &str) -> Result<Vec<DeviceInfo>, ClientError> {
+        Self::json(self.req(Method::GET, &format!("/v1/admin/users/{user}/devices"))).await
+    }
+
+    pub async fn admin_revoke_device(&self, user: &str, device: &str) -> Result<(), ClientError> {
+        Self::empty(self.req(
+            Method::DELETE,
+            &format!("/v1/admin/users/{user}/devices/{device}"),
+        ))
+        .await
+    }
+
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        device: &str,
+    ) -> Result<LoginInfo, ClientError> {
+        Self::json(
+            self.req(Method::POST, "/v1/login")
+                .json(&serde_json::json!({"user": user, "password": password, "device": device})),
+        )
+        .await
+    }
+
+    pub async fn me(&self) -> Result<serde_json::Value, ClientError> {
+        Self::json(self.req(Method::GET, "/v1/me")).await
+    }
+
+    pub async fn list_devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
+        Self::json(self.req(Method::GET, "/v1/devices")).await
+    }
+
+    pub async fn revoke_device(&self, device: &str) -> Result<(), ClientError> {
+        Self::empty(self.req(Method::DELETE, &format!("/v1/devices/{device}"))).await
+    }
+
+    /// Appends an encoded change log under an idempotency key.
+    pub async fn append(
+        &self,
+        idempotency_key: &str,
+        encoded: Vec<u8>,
+    ) -> Result<AppendResult, ClientError> {
+        Self::json(
+            self.req(Method::POST, "/v1/log")
+                .header("idempotency-key", idempotency_key)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(encoded),
+        )
+        .await
+    }
+
+    /// The log entries after `after` (one page of at most `limit`).
+    pub async fn read_log(&self, after: u64, limit: usize) -> Result<LogPage, ClientError> {
+        let resp = Self::check(
+            self.req(Method::GET, &format!("/v1/log?after={after}&limit={limit}"))
+                .send()
+                .await?,
+        )
+        .await?;
+        let head = resp
+            .headers()
+            .get("deltadrive-head")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ClientError::Decode("missing Deltadrive-Head header".into()))?;
+        let bytes = resp.bytes().await?;
+        Ok(LogPage {
+            head,
+            entries: parse_log_frames(&bytes)?,
+        })
+    }
+
+    /// Long poll: returns the head once it is past `after`, or at the timeout.
+    pub async fn wait(&self, after: u64, timeout: Duration) -> Result<u64, ClientError> {
+        #[derive(Deserialize)]
+        struct Head {
+            head: u64,
+        }
+        let ms = timeout.as_millis();
+        let h: Head = Self::json(
+            self.req(
+                Method::GET,
+                &format!("/v1/log/wait?after={after}&timeout_ms={ms}"),
+            )
+            .timeout(timeout + Duration::from_secs(30)),
+        )
+        .await?;
+        Ok(h.head)
+    }
+
+    pub async fn snapshot(&self) -> Result<serde_json::Value, ClientError> {
+        Self::json(self.req(Method::GET, "/v1/snapshot")).await
+    }
+
+    /// An object's content (current, or `version`), optionally a byte range `[start, end]`.
+    pub async fn content(
+        &self,
+        object_hex: &str,
+        version: Option<u64>,
+        range: Option<(u64, u64)>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut path = format!("/v1/objects/{object_hex}/content");
+        if let Some(v) = version {
+            path.push_str(&format!("?version={v}"));
+        }
+        let mut r = self.req(Method::GET, &path);
+        if let Some((a, b)) = range {
+            r = r.header(reqwest::header::RANGE, format!("bytes={a}-{b}"));
+        }
+        let resp = Self::check(r.send().await?).await?;
+        Ok(resp.bytes().await?.to_vec())
+    }
+
+    pub async fn history(&self, object_hex: &str) -> Result<serde_json::Value, ClientError> {
+        Self::json(self.req(Method::GET, &format!("/v1/objects/{object_hex}/history"))).await
+    }
+}
+
+/// A device's login, kept in `H/device.json` (mode 0600).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub server_url: String,
+    pub user: String,
+    pub device: String,
+    pub device_id: String,
+    pub token: String,
+    pub storage_url: String,
+    /// A private CA to trust (PEM), if the server's certificate needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl DeviceConfig {
+    /// Reads `H/device.json`.
+    ///
+    /// # Errors
+    /// The device is not logged in (no file) or the file is not valid.
+    pub fn load(home: &Home) -> anyhow::Result<DeviceConfig> {
+        let path = home.device_file();
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {} (run `deltadrive login` first): {e}",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display()))
+    }
+
+    /// Writes `H/device.json` atomically with mode 0600.
+    ///
+    /// # Errors
+    /// The home folder cannot be created or written.
+    pub fn save(&self, home: &Home) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        home.create()?;
+        let path = home.device_file();
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    /// A client of this device's storage, with its token.
+    ///
+    /// # Errors
+    /// The CA file cannot be read.
+    pub fn client(&self) -> Result<Client, ClientError> {
+        Client::new(
+            &self.storage_url,
+            Some(self.token.clone()),
+            self.ca_cert.as_deref(),
+        )
+    }
+}

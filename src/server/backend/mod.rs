@@ -1,0 +1,204 @@
+//! The storage boundary of the server: everything the API and storage-service layers keep,
+//! behind one coarse, object-safe trait, so the embedded RocksDB backend and a later
+//! PostgreSQL + S3 backend are interchangeable.
+//!
+//! What always holds for every implementation:
+//! - [`Backend::commit`] is atomic and durable when it returns `Ok`: the log entries, the object
+//!   state changes, the history records and the idempotency record are all there, or none is;
+//! - chunks passed to [`Backend::put_chunks`] are durable before it returns, so a commit that
+//!   references them (made afterwards) never points at missing content;
+//! - a user's log sequence numbers start at 1 and have no gaps;
+//! - the backend holds no state logic (versions, tree rules, deltas): the storage service decides,
+//!   the backend stores.
+
+#[cfg(test)]
+pub mod conformance;
+pub mod embedded;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+/// A boxed future returned by [`Backend`] methods (object-safe async).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
+
+/// The entries of one directory: (name, child id).
+pub type DirEntries = Vec<(Vec<u8>, [u8; 16])>;
+
+/// The BLAKE3 hash naming one content chunk.
+pub type ChunkId = [u8; 32];
+
+/// Failures of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("not found")]
+    NotFound,
+    /// The user's head moved under a commit (another writer without the lock).
+    #[error("log head moved: expected {expected}, found {found}")]
+    HeadMoved { expected: u64, found: u64 },
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("database: {0}")]
+    Db(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A user account.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    /// argon2 PHC string.
+    pub password_hash: String,
+    pub created_ms: i64,
+}
+
+/// A device of a user.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub user: String,
+    pub name: String,
+    /// Random 128-bit id, hex.
+    pub id: String,
+    /// Hash (hex) of the device's current token; `None` once revoked.
+    pub token_hash: Option<String>,
+    pub created_ms: i64,
+    pub last_login_ms: i64,
+}
+
+/// Who a device token belongs to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub user: String,
+    pub device: String,
+    pub device_id: String,
+}
+
+/// The kind of a stored object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredKind {
+    File,
+    Directory,
+    Symlink { target: Vec<u8> },
+}
+
+/// The server's current state of one object of a user's tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectState {
+    pub id: [u8; 16],
+    pub parent: [u8; 16],
+    pub name: Vec<u8>,
+    pub kind: StoredKind,
+    pub version: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    pub hash: [u8; 32],
+    /// The content as consecutive chunks (files only).
+    pub chunks: Vec<ChunkId>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The log sequence number of the last change to this object.
+    pub seq: u64,
+}
+
+/// One kept version of a file's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub size: u64,
+    pub hash: [u8; 32],
+    pub time_ms: i64,
+    pub device: String,
+    pub seq: u64,
+    pub chunks: Vec<ChunkId>,
+}
+
+/// Everything one append changes, committed atomically by [`Backend::commit`].
+#[derive(Clone, Debug, Default)]
+pub struct CommitBatch {
+    /// The head the service validated against; the commit fails if it moved.
+    pub expected_head: u64,
+    /// Encoded transactions with their sequence numbers, `expected_head + 1` onwards.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// Objects whose state is replaced (inserted or updated).
+    pub put_objects: Vec<ObjectState>,
+    /// Objects that no longer exist.
+    pub delete_objects: Vec<[u8; 16]>,
+    /// Directory entries removed, applied before `put_children`: (parent, name).
+    pub delete_children: Vec<([u8; 16], Vec<u8>)>,
+    /// Directory entries added: (parent, name, child).
+    pub put_children: Vec<([u8; 16], Vec<u8>, [u8; 16])>,
+    /// New history records: (object, entry).
+    pub history: Vec<([u8; 16], HistoryEntry)>,
+    /// How many history records to keep per object touched (older ones are dropped).
+    pub history_keep: usize,
+    /// The idempotency key and the result recorded under it.
+    pub idempotency: (String, AppendRecord),
+}
+
+/// The result of an append, kept under its idempotency key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendRecord {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// BLAKE3 of the appended body, so a key reused for another body is refused.
+    #[serde(default)]
+    pub body_hash: [u8; 32],
+}
+
+/// A held per-user commit lock; dropping it releases the lock.
+pub type UserLock = Box<dyn Send + Sync>;
+
+/// The storage boundary. Methods are coarse; each call is one backend round trip.
+pub trait Backend: Send + Sync + 'static {
+    /// The hash of the admin token, if one was set.
+    fn admin_token_hash(&self) -> BoxFut<'_, Option<String>>;
+    /// Sets the admin token hash.
+    fn set_admin_token_hash(&self, hash: String) -> BoxFut<'_, ()>;
+
+    /// Creates a user; `AlreadyExists` if the name is taken.
+    fn create_user(&self, user: UserRecord) -> BoxFut<'_, ()>;
+    fn get_user(&self, name: String) -> BoxFut<'_, Option<UserRecord>>;
+    fn list_users(&self) -> BoxFut<'_, Vec<UserRecord>>;
+    /// Removes a user with all their devices, tokens, log, objects, history; `NotFound` if absent.
+    fn delete_user(&self, name: String) -> BoxFut<'_, ()>;
+
+    /// Stores a device record, registers its token hash and drops `old_token_hash`, atomically.
+    fn put_device(&self, device: DeviceRecord, old_token_hash: Option<String>) -> BoxFut<'_, ()>;
+    fn get_device(&self, user: String, device: String) -> BoxFut<'_, Option<DeviceRecord>>;
+    fn list_devices(&self, user: String) -> BoxFut<'_, Vec<DeviceRecord>>;
+    /// Who holds this token hash (never cached).
+    fn lookup_token(&self, hash: String) -> BoxFut<'_, Option<TokenRecord>>;
+
+    /// Takes the user's commit lock (waits while another commit holds it).
+    fn lock_user(&self, user: String) -> BoxFut<'_, UserLock>;
+    /// The user's head sequence (0 for an empty log).
+    fn head(&self, user: String) -> BoxFut<'_, u64>;
+    fn idempotency(&self, user: String, key: String) -> BoxFut<'_, Option<AppendRecord>>;
+    fn get_object(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Option<ObjectState>>;
+    /// The entries of one directory: (name, child id).
+    fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, DirEntries>;
+    /// Commits one append atomically and durably (see [`CommitBatch`]).
+    fn commit(&self, user: String, batch: CommitBatch) -> BoxFut<'_, ()>;
+    /// Up to `limit` entries after `after`, stopping past `max_bytes` (at least one entry).
+    fn read_log(
+        &self,
+        user: String,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFut<'_, Vec<(u64, Vec<u8>)>>;
+    /// A consistent view of every object of the user and the head it reflects.
+    fn snapshot(&self, user: String) -> BoxFut<'_, (u64, Vec<ObjectState>)>;
+    /// The kept versions of one object, oldest first.
+    fn history(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Vec<HistoryEntry>>;
+
+    /// Stores chunks durably (content-addressed; existing ones are kept).
+    fn put_chunks(&self, chunks: Vec<(ChunkId, Vec<u8>)>) -> BoxFut<'_, ()>;
+    /// One chunk's bytes; `NotFound` if absent.
+    fn get_chunk(&self, id: ChunkId) -> BoxFut<'_, Vec<u8>>;
+}

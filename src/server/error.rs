@@ -1,0 +1,96 @@
+//! The one error type of the HTTP API: [`ApiError`] turns every failure into a status code and a
+//! JSON body `{"error": "clear message"}` (plus `stale` for stale-base conflicts). Internal
+//! failures are logged once here and shown to the client only as "internal error".
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::backend::BackendError;
+
+/// One op whose base version is not the server's current version of its object.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StaleOp {
+    /// The object id, hex.
+    pub object: String,
+    /// The base version the op was made against.
+    pub expected: u64,
+    /// The server's current version (0: the object does not exist).
+    pub current: u64,
+}
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("missing or invalid token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("stale base version")]
+    Stale(Vec<StaleOp>),
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    RangeNotSatisfiable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) | ApiError::Stale(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct Body {
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale: Option<Vec<StaleOp>>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (error, stale) = match self {
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "request failed");
+                ("internal error".to_string(), None)
+            }
+            ApiError::Stale(ops) => {
+                tracing::info!(stale = ops.len(), "append refused: stale base version");
+                ("stale base version".to_string(), Some(ops))
+            }
+            other => {
+                tracing::info!(status = status.as_u16(), error = %other, "request refused");
+                (other.to_string(), None)
+            }
+        };
+        (status, Json(Body { error, stale })).into_response()
+    }
+}

@@ -1,0 +1,159 @@
+//! `deltadrive server`: the storage and management server (axum over HTTP or HTTPS).
+//!
+//! Owns the process: opens the backend, writes `DATA/admin.token` (0600) at first start, serves
+//! the API (`api`), and shuts down gracefully on SIGTERM/SIGINT. What always holds: the API layer
+//! reaches storage only through [`backend::Backend`] and the [`storage::Storage`] service, so a
+//! second backend needs no change above the trait.
+
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod error;
+pub mod metrics;
+pub mod storage;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use backend::Backend;
+use metrics::Metrics;
+use storage::{Storage, StorageConfig};
+
+/// Everything the server is started with.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub data: PathBuf,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The largest request body accepted (413 beyond).
+    pub max_request_bytes: usize,
+    pub storage: StorageConfig,
+    /// The longest a long poll waits.
+    pub max_wait: Duration,
+    /// The base URL devices are told to use for storage; default: the URL they logged in with.
+    pub public_url: Option<String>,
+}
+
+/// State shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Arc<dyn Backend>,
+    pub storage: Arc<Storage>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<ServerConfig>,
+}
+
+/// Installs the ring crypto provider for rustls (once per process; later calls do nothing).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Writes the admin token file at first start and records its hash.
+async fn ensure_admin_token(backend: &dyn Backend, config: &ServerConfig) -> anyhow::Result<()> {
+    if backend.admin_token_hash().await?.is_some() {
+        return Ok(());
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = auth::new_token();
+    let path = config.data.join("admin.token");
+    let tmp = config.data.join("admin.token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    backend
+        .set_admin_token_hash(auth::hash_token(&token))
+        .await?;
+    tracing::info!(path = %path.display(), "wrote the admin token");
+    Ok(())
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+///
+/// # Errors
+/// The data folder or backend cannot be opened, the address cannot be bound, TLS files are bad.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    install_crypto_provider();
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("cannot create {}", config.data.display()))?;
+    let backend: Arc<dyn Backend> = Arc::new(
+        backend::embedded::Embedded::open(&config.data)
+            .with_context(|| format!("cannot open the backend in {}", config.data.display()))?,
+    );
+    ensure_admin_token(backend.as_ref(), &config).await?;
+    let state = AppState {
+        storage: Arc::new(Storage::new(backend.clone(), config.storage.clone())),
+        backend,
+        metrics: Arc::new(Metrics::default()),
+        config: Arc::new(config.clone()),
+    };
+    let app = api::router(state);
+
+    let listener = std::net::TcpListener::bind(&config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    let h = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        h.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("deltadrive server listening on {scheme}://{addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, scheme, data = %config.data.display(), "listening");
+    let svc = app.into_make_service();
+    match &config.tls {
+        Some((cert, key)) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .context("cannot load the TLS certificate and key")?;
+            axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
+                .handle(handle)
+                .serve(svc)
+                .await?;
+        }
+        None => {
+            axum_server::from_tcp(listener)?
+                .handle(handle)
+                .serve(svc)
+                .await?;
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! The storage role's service layer: one ordered log per user and the current state of every
+//! object, kept by checking and applying each appended change log.
+//!
+//! What always holds: an append is validated whole against the server's current state under the
+//! user's commit lock, then committed in one backend batch; so the log has no gaps, every stored
+//! transaction applied cleanly to the state before it, and a refused append changes nothing.
+//! Rules enforced here (not in the backend): base versions, parent exists and is a folder, names
+//! free, no folder cycles, only empty folders deleted, writes only to files, delta base hashes,
+//! content size cap. Wake-ups of long polls go through a per-user `watch` channel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::changelog::{
+    decode_changelog, empty_hash, encode_transaction, validate, ChangeLog, Delta, ObjectId,
+    ObjectKind, Op, OpKind,
+};
+
+use super::backend::{
+    AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HistoryEntry, ObjectState, StoredKind,
+};
+use super::error::{ApiError, StaleOp};
+
+/// Content is stored as chunks of this size (the last one shorter).
+pub const CHUNK_SIZE: usize = 1 << 20;
+
+/// Limits and retention of the storage role.
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    /// The largest file content the server keeps, in bytes.
+    pub max_object_bytes: u64,
+    /// How many versions of each file's content are kept.
+    pub history_versions: usize,
+}
+
+/// The storage service shared by all requests.
+pub struct Storage {
+    backend: Arc<dyn Backend>,
+    config: StorageConfig,
+    heads: parking_lot::Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+/// The root folder's state before any op touched it.
+fn root_state() -> ObjectState {
+    ObjectState {
+        id: ObjectId::ROOT.0,
+        parent: ObjectId::ROOT.0,
+        name: Vec::new(),
+        kind: StoredKind::Directory,
+        version: 0,
+        mode: 0o755,
+        mtime_ns: 0,
+        size: 0,
+        hash: empty_hash(),
+        chunks: Vec::new(),
+        xattrs: BTreeMap::new(),
+        seq: 0,
+    }
+}
+
+/// Splits content into chunks named by their BLAKE3 hash.
+pub fn split_chunks(content: &[u8]) -> Vec<(ChunkId, Vec<u8>)> {
+    content
+        .chunks(CHUNK_SIZE)
+        .map(|c| (*blake3::hash(c).as_bytes(), c.to_vec()))
+        .collect()
+}
+
+/// A directory entry: (parent, name).
+type EntryKey = ([u8; 16], Vec<u8>);
+
+/// The objects an append reads and changes, over the backend's committed state.
+struct Overlay<'a> {
+    backend: &'a dyn Backend,
+    user: &'a str,
+    /// Committed state as first read (None: absent).
+    original: HashMap<[u8; 16], Option<ObjectState>>,
+    /// State after the ops applied so far (None: absent).
+    current: HashMap<[u8; 16], Option<ObjectState>>,
+    /// Directory entries added or removed so far: (parent, name) → child.
+    entries: HashMap<EntryKey, Option<[u8; 16]>>,
+    /// Committed entries of folders read so far.
+    listed: HashMap<[u8; 16], DirEntries>,
+    /// New content of files written so far.
+    content: HashMap<[u8; 16], Vec<u8>>,
+    /// Content changes to record in history: object → (version, time, device).
+    history: Vec<([u8; 16], u64, i64, String)>,
+}
+
+impl<'a> Overlay<'a> {
+    async fn get(&mut self, id: [u8; 16]) -> Result<Option<ObjectState>, ApiError> {
+        if let Some(s) = self.current.get(&id) {
+            return Ok(s.clone());
+        }
+        let mut s = self.backend.get_object(self.user.to_string(), id).await?;
+        if s.is_none() && id == ObjectId::ROOT.0 {
+            s = Some(root_state());
+        }
+        self.original.insert(id, s.clone());
+        self.current.insert(id, s.clone());
+        Ok(s)
+    }
+
+    fn set(&mut self, id: [u8; 16], s: Option<ObjectState>) {
+        self.current.insert(id, s);
+    }
+
+    async fn children(&mut self, dir: [u8; 16]) -> Result<DirEntries, ApiError> {
+        if !self.listed.contains_key(&dir) {
+            let l = self
+                .backend
+                .list_children(self.user.to_string(), dir)
+                .await?;
+            self.listed.insert(dir, l);
+        }
+        let mut map: BTreeMap<Vec<u8>, [u8; 16]> = self
+            .listed
+            .get(&dir)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for ((p, name), child) in &self.entries {
+            if *p == dir {
+                match child {
+                    Some(c) => map.insert(name.clone(), *c),
+                    None => map.remove(name),
+                };
+            }
+        }
+        Ok(map.into_iter().collect())
+    }
+
+    async fn name_taken(&mut self, dir: [u8; 16], name: &[u8]) -> Result<bool, ApiError> {
+        Ok(self.children(dir).await?.iter().any(|(n, _)| n == name))
+    }
+
+    async fn content_of(&mut self, s: &ObjectState) -> Result<Vec<u8>, ApiError> {
+        if let Some(c) = self.content.get(&s.id) {
+            return Ok(c.clone());
+        }
+        let mut out = Vec::with_capacity(usize::try_from(s.size).unwrap_or(0));
+        for c in &s.chunks {
+            out.extend(self.backend.get_chunk(*c).await?);
+        }
+        Ok(out)
+    }
+}
+
+fn conflict(msg: String) -> ApiError {
+    ApiError::Conflict(msg)
+}
+
+fn kind_name(k: &StoredKind) -> &'static str {
+    match k {
+        StoredKind::File => "file",
+        StoredKind::Directory => "directory",
+        StoredKind::Symlink { .. } => "symlink",
+    }
+}
+
+/// Resizes `content` to `size` (cut, or extended with zeros).
+fn resize(content: &mut Vec<u8>, size: u64, cap: u64) -> Result<(), ApiError> {
+    if size > cap {
+        return Err(ApiError::Unprocessable(format!(
+            "file size {size} exceeds the server's limit of {cap} bytes"
+        )));
+    }
+    let n = usize::try_from(size).map_err(|_| ApiError::Unprocessable("size too large".into()))?;
+    content.resize(n, 0);
+    Ok(())
+}
+
+impl Storage {
+    pub fn new(backend: Arc<dyn Backend>, config: StorageConfig) -> Storage {
+        Storage {
+            backend,
+            config,
+            heads: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A receiver of the user's head (the value is only a wake-up hint: re-read the head).
+    pub fn subscribe(&self, user: &str) -> watch::Receiver<u64> {
+        self.heads
+            .lock()
+            .entry(user.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, user: &str, head: u64) {
+        let heads = self.heads.lock();
+        if let Some(tx) = heads.get(user) {
+            tx.send_replace(head);
+        }
+    }
+
+    /// Forgets the wake-up channel of a removed user.
+    pub fn forget(&self, user: &str) {
+        self.heads.lock().remove(user);
+    }
+
+    /// Appends an encoded change log to `user`'s log, all transactions or none.
+    ///
+    /// # Errors
+    /// 400 undecodable, 422 invalid, 409 stale base or a conflict with the current tree.
+    pub async fn append(
+        &self,
+        user: &str,
+        idempotency_key: &str,
+        body: &[u8],
+    ) -> Result<AppendRecord, ApiError> {
+        let log = decode_changelog(body)
+            .map_err(|e| ApiError::BadRequest(format!("cannot decode change log: {e}")))?;
+        let _lock = self.backend.lock_user(user.to_string()).await?;
+        if let Some(rec) = self
+            .backend
+            .idempotency(user.to_string(), idempotency_key.to_string())
+            .await?
+        {
+            if rec.body_hash != *blake3::hash(body).as_bytes() {
+                return Err(ApiError::Conflict(
+                    "this Idempotency-Key was already used for a different change log".into(),
+                ));
+            }
+            return Ok(rec);
+        }
+        validate(&log).map_err(|e| ApiError::Unprocessable(format!("invalid change log: {e}")))?;
+        if log.transactions.is_empty() {
+            return Err(ApiError::Unprocessable(
+                "the change log holds no transaction".into(),
+            ));
+        }
+        let head = self.backend.head(user.to_string()).await?;
+        let batch = self.check_and_apply(user, head, &log).await?;
+        let chunks: Vec<(ChunkId, Vec<u8>)> = batch.1;
+        let mut batch = batch.0;
+        let rec = AppendRecord {
+            first_seq: head + 1,
+            last_seq: head + log.transactions.len() as u64,
+            body_hash: *blake3::hash(body).as_bytes(),
+        };
+        batch.idempotency = (idempotency_key.to_string(), rec);
+        // Content first, durably; then the metadata that names it.
+        self.backend.put_chunks(chunks).await?;
+        self.backend.commit(user.to_string(), batch).await?;
+        self.notify(user, rec.last_seq);
+        Ok(rec)
+    }
+
+    async fn check_and_apply(
+        &self,
+        user: &str,
+        head: u64,
+        log: &ChangeLog,
+    ) -> Result<(CommitBatch, Vec<(ChunkId, Vec<u8>)>), ApiError> {
+        let mut ov = Overlay {
+            backend: self.backend.as_ref(),
+            user,
+            original: HashMap::new(),
+            current: HashMap::new(),
+            entries: HashMap::new(),
+            listed: HashMap::new(),
+            content: HashMap::new(),
+            history: Vec::new(),
+        };
+        let mut stale: Vec<StaleOp> = Vec::new();
+        let mut first_error: Option<ApiError> = None;
+        let mut entries = Vec::with_capacity(log.transactions.len());
+        for (i, tx) in log.transactions.iter().enumerate() {
+            let seq = head + 1 + i as u64;
+            for op in &tx.ops {
+                let current = ov.get(op.object.0).await?.map(|s| s.version).unwrap_or(0);
+                if current != op.base_version {
+                    stale.push(StaleOp {
+                        object: op.object.to_hex(),
+                        expected: op.base_version,
+                        current,
+                    });
+                    continue;
+                }
+                if first_error.is_some() || !stale.is_empty() {
+                    continue;
+                }
+                if let Err(e) = self
+                    .apply_op(&mut ov, op, seq, tx.time_ms, &tx.device)
+                    .await
+                {
+                    first_error = Some(match e {
+                        ApiError::Conflict(m) => ApiError::Conflict(format!(
+                            "transaction {i}, object {}: {m}",
+                            op.object
+                        )),
+                        ApiError::Unprocessable(m) => ApiError::Unprocessable(format!(
+                            "transaction {i}, object {}: {m}",
+                            op.object
+                        )),
+                        other => other,
+                    });
+                }
+            }
+            entries.push((seq, encode_transaction(tx)));
+        }
+        if !stale.is_empty() {
+            return Err(ApiError::Stale(stale));
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+
+        let mut batch = CommitBatch {
+            expected_head: head,
+            entries,
+            history_keep: self.config.history_versions,
+            ..CommitBatch::default()
+        };
+        for (id, now) in &ov.current {
+            let before = ov.original.get(id).cloned().flatten();
+            if before.as_ref() == now.as_ref() {
+                continue;
+            }
+            if let Some(b) = &before {
+                if *id != ObjectId::ROOT.0 {
+                    batch.delete_children.push((b.parent, b.name.clone()));
+                }
+            }
+            match now {
+                Some(n) => {
+                    if *id != ObjectId::ROOT.0 {
+                        batch.put_children.push((n.parent, n.name.clone(), n.id));
+                    }
+                    batch.put_objects.push(n.clone());
+                }
+                None => batch.delete_objects.push(*id),
+            }
+        }
+        let mut chunks = Vec::new();
+        let mut chunked: HashMap<[u8; 16], Vec<ChunkId>> = HashMap::new();
+        for (id, bytes) in &ov.content {
+            let cs = split_chunks(bytes);
+            chunked.insert(*id, cs.iter().map(|(h, _)| *h).collect());
+            chunks.extend(cs);
+        }
+        for o in &mut batch.put_objects {
+            if let Some(cs) = chunked.get(&o.id) {
+                o.chunks = cs.clone();
+            }
+        }
+        // History: the version each content change produced (the final content of a file
+        // changed twice in one append is recorded at its last version).
+        let mut last: HashMap<[u8; 16], (u64, i64, String)> = HashMap::new();
+        for (id, v, t, d) in &ov.history {
+            last.insert(*id, (*v, *t, d.clone()));
+        }
+        for (id, (version, time_ms, device)) in last {
+            if let Some(Some(o)) = ov.current.get(&id) {
+                batch.history.push((
+                    id,
+                    HistoryEntry {
+                        version,
+                        size: o.size,
+                        hash: o.hash,
+                        time_ms,
+                        device,
+                        seq: o.seq,
+                        chunks: chunked
+                            .get(&id)
+                            .cloned()
+                            .unwrap_or_else(|| o.chunks.clone()),
+                    },
+                ));
+            }
+        }
+        Ok((batch, chunks))
+    }
+
+    async fn apply_op(
+        &self,
+        ov: &mut Overlay<'_>,
+        op: &Op,
+        seq: u64,
+        time_ms: i64,
+        device: &str,
+    ) -> Result<(), ApiError> {
+        let id = op.object.0;
+        let is_root = op.object == ObjectId::ROOT;
+        let existing = ov.get(id).await?;
+        match &op.kind {
+            OpKind::Create {
+                parent,
+                name,
+                kind,
+                mode,
+                mtime_ns,
+            } => {
+                if is_root {
+                    return Err(ApiError::Unprocessable(
+                        "the root folder cannot be created".into(),
+                    ));
+                }
+                if existing.is_some() {
+                    return Err(conflict("object already exists".into()));
+                }
+                self.check_parent(ov, parent.0).await?;
+                if ov.name_taken(parent.0, name.as_bytes()).await? {
+                    return Err(conflict(format!(
+                        "name {name} is already taken in its folder"
+                    )));
+                }
+                let kind = match kind {
+                    ObjectKind::File => StoredKind::File,
+                    ObjectKind::Directory => StoredKind::Directory,
+                    ObjectKind::Symlink { target } => StoredKind::Symlink {
+                        target: target.clone(),
+                    },
+                };
+                let is_file = kind == StoredKind::File;
+                let s = ObjectState {
+                    id,
+                    parent: parent.0,
+                    name: name.as_bytes().to_vec(),
+                    kind,
+                    version: op.new_version,
+                    mode: *mode,
+                    mtime_ns: *mtime_ns,
+                    size: 0,
+                    hash: empty_hash(),
+                    chunks: Vec::new(),
+                    xattrs: BTreeMap::new(),
+                    seq,
+                };
+                ov.entries
+                    .insert((parent.0, name.as_bytes().to_vec()), Some(id));
+                ov.set(id, Some(s));
+                if is_file {
+                    ov.history
+                        .push((id, op.new_version, time_ms, device.to_string()));
+                }
+            }
+            OpKind::Write {
+                base_hash,
+                new_hash,
+                new_size,
+                delta,
+            } => {
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                if s.kind != StoredKind::File {
+                    return Err(conflict(format!("write to a {}", kind_name(&s.kind))));
+                }
+                if *base_hash != s.hash {
+                    return Err(conflict(
+                        "the delta's base hash does not match the current content".into(),
+                    ));
+                }
+                if *new_size > self.config.max_object_bytes {
+                    return Err(ApiError::Unprocessable(format!(
+                        "file size {new_size} exceeds the server's limit of {} bytes",
+                        self.config.max_object_bytes
+                    )));
+                }
+                let base = ov.content_of(&s).await?;
+                let out = apply_delta(
+                    &base,
+                    delta,
+                    base_hash,
+                    new_hash,
+                    *new_size,
+                    self.config.max_object_bytes,
+                )?;
+                s.size = out.len() as u64;
+                s.hash = *new_hash;
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.content.insert(id, out);
+                ov.set(id, Some(s));
+                ov.history
+                    .push((id, op.new_version, time_ms, device.to_string()));
+            }
+            OpKind::Truncate { new_size, new_hash } => {
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                if s.kind != StoredKind::File {
+                    return Err(conflict(format!("truncate of a {}", kind_name(&s.kind))));
+                }
+                let mut c = ov.content_of(&s).await?;
+                resize(&mut c, *new_size, self.config.max_object_bytes)?;
+                if blake3::hash(&c).as_bytes() != new_hash {
+                    return Err(ApiError::Unprocessable(
+                        "the truncated content does not match the op's new hash".into(),
+                    ));
+                }
+                s.size = *new_size;
+                s.hash = *new_hash;
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.content.insert(id, c);
+                ov.set(id, Some(s));
+                ov.history
+                    .push((id, op.new_version, time_ms, device.to_string()));
+            }
+            OpKind::Rename {
+                new_parent,
+                new_name,
+            } => {
+                if is_root {
+                    return Err(ApiError::Unprocessable(
+                        "the root folder cannot be renamed".into(),
+                    ));
+                }
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                self.check_parent(ov, new_parent.0).await?;
+                let same = s.parent == new_parent.0 && s.name == new_name.as_bytes();
+                if !same && ov.name_taken(new_parent.0, new_name.as_bytes()).await? {
+                    return Err(conflict(format!(
+                        "name {new_name} is already taken in its folder"
+                    )));
+                }
+                // No cycle: the new parent must not be the object or inside it.
+                let mut at = new_parent.0;
+                let mut steps = 0usize;
+                while at != ObjectId::ROOT.0 {
+                    if at == id {
+                        return Err(conflict("the move would put a folder inside itself".into()));
+                    }
+                    let p = ov
+                        .get(at)
+                        .await?
+                        .ok_or_else(|| conflict("a folder on the path does not exist".into()))?;
+                    at = p.parent;
+                    steps += 1;
+                    if steps > 100_000 {
+                        return Err(ApiError::Internal("folder chain too deep".into()));
+                    }
+                }
+                ov.entries.insert((s.parent, s.name.clone()), None);
+                ov.entries
+                    .insert((new_parent.0, new_name.as_bytes().to_vec()), Some(id));
+                s.parent = new_parent.0;
+                s.name = new_name.as_bytes().to_vec();
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.set(id, Some(s));
+            }
+            OpKind::Delete => {
+                if is_root {
+                    return Err(ApiError::Unprocessable(
+                        "the root folder cannot be deleted".into(),
+                    ));
+                }
+                let s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                if s.kind == StoredKind::Directory && !ov.children(id).await?.is_empty() {
+                    return Err(conflict("delete of a folder that is not empty".into()));
+                }
+                ov.entries.insert((s.parent, s.name.clone()), None);
+                ov.content.remove(&id);
+                ov.set(id, None);
+            }
+            OpKind::SetAttr { mode, mtime_ns } => {
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                if let Some(m) = mode {
+                    s.mode = *m;
+                }
+                if let Some(t) = mtime_ns {
+                    s.mtime_ns = *t;
+                }
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.set(id, Some(s));
+            }
+            OpKind::SetXattr { name, value } => {
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                s.xattrs.insert(name.clone(), value.clone());
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.set(id, Some(s));
+            }
+            OpKind::RemoveXattr { name } => {
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                s.xattrs.remove(name);
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.set(id, Some(s));
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_parent(&self, ov: &mut Overlay<'_>, parent: [u8; 16]) -> Result<(), ApiError> {
+        match ov.get(parent).await? {
+            None => Err(conflict(format!(
+                "parent folder {} does not exist",
+                ObjectId(parent)
+            ))),
+            Some(p) if p.kind != StoredKind::Directory => Err(conflict(format!(
+                "parent {} is a {}, not a folder",
+                ObjectId(parent),
+                kind_name(&p.kind)
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// Applies a `Write` op's delta to the base content, checking hashes and the size cap.
+fn apply_delta(
+    base: &[u8],
+    delta: &Delta,
+    base_hash: &[u8; 32],
+    new_hash: &[u8; 32],
+    new_size: u64,
+    cap: u64,
+) -> Result<Vec<u8>, ApiError> {
+    let limit = usize::try_from(cap).unwrap_or(usize::MAX);
+    let out = crate::delta::apply_checked(base, base_hash, delta, new_hash, new_size, limit)
+        .map_err(|e| ApiError::Unprocessable(format!("cannot apply delta: {e}")))?;
+    Ok(out)
+}
