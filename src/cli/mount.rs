@@ -36,6 +36,10 @@ pub struct MountArgs {
     /// close, fsync or when the kernel flushes)
     #[arg(long)]
     pub writeback_cache: bool,
+    /// Milliseconds the tree must be quiet before new files, renames and deletes are
+    /// committed as a change (lets editors' save patterns become edits)
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    pub quiet_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +55,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
     let home = Home::resolve(args.home.home.as_deref())?;
     let options = FsOptions {
         writeback_cache: args.writeback_cache,
+        quiet_period: std::time::Duration::from_millis(args.quiet_ms),
     };
     if args.foreground {
         let ready_fd = std::env::var(READY_FD_ENV)
@@ -103,6 +108,7 @@ fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
     if args.writeback_cache {
         cmd.arg("--writeback-cache");
     }
+    cmd.arg("--quiet-ms").arg(args.quiet_ms.to_string());
     cmd.env(READY_FD_ENV, child_fd.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -235,6 +241,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let server = device
         .as_ref()
         .and_then(|d| d.get("server").and_then(|s| s.as_str()).map(str::to_string));
+    let pending = if home.db_dir().exists() {
+        crate::store::Store::open_read_only(&home.db_dir(), &home.content_dir())
+            .and_then(|s| s.outbox_size())
+            .map_err(|e| {
+                anyhow::anyhow!("reading the local store in {}: {e}", home.root().display())
+            })?
+    } else {
+        (0, 0)
+    };
     let report = StatusReport {
         home: home.root().to_path_buf(),
         mounted: rec.is_some(),
@@ -243,7 +258,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         logged_in: device.is_some(),
         server,
         online: None,
-        pending_uploads: Pending { count: 0, bytes: 0 },
+        pending_uploads: Pending {
+            count: pending.0,
+            bytes: pending.1,
+        },
         last_sync: None,
         conflicts: Vec::new(),
     };

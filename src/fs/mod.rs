@@ -14,6 +14,7 @@
 //!   is removed at its last close (or at the next start, after a crash).
 
 mod attr;
+pub mod capture;
 mod errors;
 pub mod mount;
 
@@ -51,19 +52,42 @@ const XATTR_SIZE_MAX: usize = 64 * 1024;
 const TTL: Duration = Duration::from_secs(1);
 
 /// Tunables of one mount.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct FsOptions {
     /// Let the kernel cache writes and send them in large batches.
     pub writeback_cache: bool,
+    /// How long the tree must be quiet before new files, deletes and renames are sealed.
+    pub quiet_period: Duration,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            writeback_cache: false,
+            quiet_period: Duration::from_millis(300),
+        }
+    }
 }
 
 struct FileHandleState {
     file: Arc<File>,
 }
 
-/// The mounted file system.
-pub struct DeltaFs {
+/// The mounted file system: a thin handle the FUSE session owns, over state that the
+/// sealer thread shares.
+pub struct DeltaFs(pub Arc<FsCore>);
+
+impl std::ops::Deref for DeltaFs {
+    type Target = FsCore;
+    fn deref(&self) -> &FsCore {
+        &self.0
+    }
+}
+
+/// The file system's state: store, handles, capture.
+pub struct FsCore {
     store: Arc<Store>,
+    capture: capture::Capture,
     options: FsOptions,
     /// Serializes namespace and attribute changes (read-modify-write of inodes).
     meta: Mutex<()>,
@@ -111,10 +135,11 @@ fn in_group(req: &Request, gid: u32) -> bool {
         .unwrap_or(false)
 }
 
-impl DeltaFs {
-    pub fn new(store: Arc<Store>, options: FsOptions) -> DeltaFs {
-        DeltaFs {
+impl FsCore {
+    pub fn new(store: Arc<Store>, options: FsOptions, capture: capture::Capture) -> FsCore {
+        FsCore {
             store,
+            capture,
             options,
             meta: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
@@ -143,7 +168,7 @@ impl DeltaFs {
     fn attr(&self, inode: &Inode) -> fuser::FileAttr {
         let blocks = if inode.kind == FileKind::File {
             use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(self.store.content_path(&inode.object))
+            std::fs::metadata(self.store.content_path(inode.ino))
                 .map(|m| m.blocks())
                 .unwrap_or(inode.size.div_ceil(512))
         } else {
@@ -240,6 +265,7 @@ impl DeltaFs {
             parent,
             flags: 0,
             symlink: symlink.to_vec(),
+            name: name.to_vec(),
         };
         if kind == FileKind::Directory {
             p.nlink += 1;
@@ -249,6 +275,7 @@ impl DeltaFs {
         b.put_inode(&inode);
         b.put_inode(&p);
         b.put_dirent(parent, name, ino, kind);
+        self.capture.touch(&mut b, &inode, false);
         self.store.commit(b, false)?;
         Ok(inode)
     }
@@ -262,6 +289,7 @@ impl DeltaFs {
         now: Timespec,
     ) -> FsResult<bool> {
         child.ctime = now;
+        self.capture.touch(b, child, false);
         if child.kind == FileKind::Directory {
             child.nlink = 0;
         } else {
@@ -277,6 +305,7 @@ impl DeltaFs {
             Ok(false)
         } else {
             b.delete_inode(child)?;
+            self.capture.forget(child.ino);
             Ok(true)
         }
     }
@@ -307,7 +336,7 @@ impl DeltaFs {
         let gone = self.drop_link(&mut b, &mut child, now)?;
         self.store.commit(b, false)?;
         if gone {
-            self.store.remove_content(&child.object)?;
+            self.store.remove_content(child.ino)?;
         }
         Ok(())
     }
@@ -338,7 +367,7 @@ impl DeltaFs {
             Some(self.dir_inode(newparent)?)
         };
         let mut src = self.inode(src_ino)?;
-        let mut removed_object = None;
+        let mut removed_content = None;
 
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             let (dst_ino, dst_kind) = target.ok_or(Errno::ENOENT)?;
@@ -346,8 +375,10 @@ impl DeltaFs {
             b.put_dirent(parent, name, dst_ino, dst_kind);
             b.put_dirent(newparent, newname, src_ino, src_kind);
             if let Some(pn) = p_new.as_mut() {
-                let src_dir = src_kind == FileKind::Directory;
-                let dst_dir = dst_kind == FileKind::Directory;
+                let (src_dir, dst_dir) = (
+                    src_kind == FileKind::Directory,
+                    dst_kind == FileKind::Directory,
+                );
                 if src_dir && !dst_dir {
                     p_old.nlink -= 1;
                     pn.nlink += 1;
@@ -355,15 +386,14 @@ impl DeltaFs {
                     p_old.nlink += 1;
                     pn.nlink -= 1;
                 }
-                if src_dir {
-                    src.parent = newparent;
-                }
-                if dst_dir {
-                    dst.parent = parent;
-                }
             }
+            src.parent = newparent;
+            src.name = newname.to_vec();
+            dst.parent = parent;
+            dst.name = name.to_vec();
             dst.ctime = now;
             b.put_inode(&dst);
+            self.capture.touch(&mut b, &dst, false);
         } else {
             if let Some((dst_ino, dst_kind)) = target {
                 if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -386,7 +416,7 @@ impl DeltaFs {
                     return Err(Errno::EISDIR);
                 }
                 if self.drop_link(&mut b, &mut dst, now)? {
-                    removed_object = Some(dst.object);
+                    removed_content = Some(dst.ino);
                 }
             }
             b.delete_dirent(parent, name);
@@ -395,12 +425,14 @@ impl DeltaFs {
                 if let Some(pn) = p_new.as_mut() {
                     p_old.nlink -= 1;
                     pn.nlink += 1;
-                    src.parent = newparent;
                 }
             }
+            src.parent = newparent;
+            src.name = newname.to_vec();
         }
         src.ctime = now;
         b.put_inode(&src);
+        self.capture.touch(&mut b, &src, false);
         p_old.mtime = now;
         p_old.ctime = now;
         b.put_inode(&p_old);
@@ -410,8 +442,8 @@ impl DeltaFs {
             b.put_inode(&pn);
         }
         self.store.commit(b, false)?;
-        if let Some(o) = removed_object {
-            self.store.remove_content(&o)?;
+        if let Some(ino) = removed_content {
+            self.store.remove_content(ino)?;
         }
         Ok(())
     }
@@ -473,10 +505,11 @@ impl DeltaFs {
             };
             match file {
                 Some(f) => f.set_len(sz)?,
-                None => self.store.open_content(&i.object, true)?.set_len(sz)?,
+                None => self.store.open_content(i.ino, true)?.set_len(sz)?,
             }
             i.size = sz;
             i.mtime = now;
+            self.capture.resized(ino, sz);
             changed = true;
         }
         if let Some(t) = atime {
@@ -491,6 +524,7 @@ impl DeltaFs {
             i.ctime = now;
             let mut b = self.store.batch();
             b.put_inode(&i);
+            self.capture.touch(&mut b, &i, false);
             self.store.commit(b, false)?;
         }
         Ok(i)
@@ -503,7 +537,7 @@ impl DeltaFs {
             FileKind::File => {}
             _ => return Err(Errno::EINVAL),
         }
-        let file = self.store.open_content(&i.object, true)?;
+        let file = self.store.open_content(i.ino, true)?;
         // A crash can leave content past the committed size: never let it show.
         if file.metadata()?.len() > i.size {
             file.set_len(i.size)?;
@@ -515,6 +549,7 @@ impl DeltaFs {
         let file = self.handle_file(fh)?;
         file.write_all_at(data, offset)?;
         let end = offset + data.len() as u64;
+        let rewritten = self.capture.wrote(ino, offset, data.len() as u64);
         let _g = self.lock();
         let mut i = self.inode(ino)?;
         let now = Timespec::now();
@@ -525,12 +560,14 @@ impl DeltaFs {
         i.ctime = now;
         let mut b = self.store.batch();
         b.put_inode(&i);
+        self.capture.touch(&mut b, &i, rewritten);
         self.store.commit(b, false)?;
         Ok(data.len() as u32)
     }
 
     fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
         self.files.lock().remove(&fh);
+        self.seal_file(ino);
         let last = {
             let mut oc = self.open_count.lock();
             let n = oc.entry(ino).or_insert(1);
@@ -550,7 +587,7 @@ impl DeltaFs {
                     b.delete_inode(&i)?;
                     b.clear_orphan(ino);
                     self.store.commit(b, false)?;
-                    self.store.remove_content(&i.object)?;
+                    self.store.remove_content(i.ino)?;
                 }
             }
         }
@@ -611,6 +648,7 @@ impl DeltaFs {
         let mut b = self.store.batch();
         b.put_xattr(ino, name, value);
         b.put_inode(&i);
+        self.capture.touch(&mut b, &i, false);
         self.store.commit(b, false)?;
         Ok(())
     }
@@ -627,6 +665,7 @@ impl DeltaFs {
         let mut b = self.store.batch();
         b.delete_xattr(ino, name);
         b.put_inode(&i);
+        self.capture.touch(&mut b, &i, false);
         self.store.commit(b, false)?;
         Ok(())
     }
@@ -648,8 +687,12 @@ impl DeltaFs {
             return Err(std::io::Error::last_os_error().into());
         }
         let now = Timespec::now();
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-            i.size = i.size.max(offset + length);
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && offset + length > i.size {
+            i.size = offset + length;
+            self.capture.resized(ino, i.size);
+        }
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            self.capture.wrote(ino, offset, length);
         }
         if mode != 0 {
             i.mtime = now;
@@ -657,8 +700,47 @@ impl DeltaFs {
         i.ctime = now;
         let mut b = self.store.batch();
         b.put_inode(&i);
+        self.capture.touch(&mut b, &i, false);
         self.store.commit(b, false)?;
         Ok(())
+    }
+
+    /// Seals one announced file's content edit now (its close after writing, or fsync).
+    fn seal_file(&self, ino: u64) {
+        let Ok(Some(i)) = self.store.get_inode(ino) else {
+            return;
+        };
+        if !self.capture.has_pending(&i.object) {
+            return;
+        }
+        let _g = self.lock();
+        let sealer = capture::Sealer {
+            store: &self.store,
+            capture: &self.capture,
+        };
+        if let Err(e) = sealer.seal(Some(i.object)) {
+            tracing::error!("sealing the change of inode {ino} failed: {e}");
+        }
+    }
+
+    /// Seals every pending change when the tree has been quiet long enough; returns how
+    /// many transactions went to the outbox.
+    pub fn seal_if_due(&self, force: bool) -> usize {
+        if !force && !self.capture.due() {
+            return 0;
+        }
+        let _g = self.lock();
+        let sealer = capture::Sealer {
+            store: &self.store,
+            capture: &self.capture,
+        };
+        match sealer.seal(None) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("sealing pending changes failed: {e}");
+                0
+            }
+        }
     }
 }
 
@@ -980,7 +1062,7 @@ impl Filesystem for DeltaFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
@@ -992,6 +1074,7 @@ impl Filesystem for DeltaFs {
             } else {
                 file.sync_all()?;
             }
+            self.seal_file(ino.0);
             self.store.sync_wal()?;
             Ok(())
         })();

@@ -13,12 +13,30 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use fuser::{Config, MountOption, Session, SessionACL};
 
-use super::{DeltaFs, FsOptions};
+use super::capture::Capture;
+use super::{DeltaFs, FsCore, FsOptions};
 use crate::home::Home;
 use crate::store::Store;
 
 /// How many kernel requests are served at once.
 const SESSION_THREADS: usize = 4;
+/// How often the sealer looks for quiet pending changes.
+const SEAL_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// This device's name in change logs: from its login, else the host name.
+pub fn device_name(home: &Home) -> String {
+    std::fs::read(home.device_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("device").and_then(|d| d.as_str()).map(str::to_string))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "device".to_string())
+}
 
 /// Where a running mount is recorded, so `status` and `unmount` can find it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +145,9 @@ pub fn run(
             anyhow::anyhow!(msg)
         }
     })?;
-    let fs = DeltaFs::new(Arc::clone(&store), options);
+    let capture = Capture::load(&store, device_name(home), options.quiet_period)?;
+    let core = Arc::new(FsCore::new(Arc::clone(&store), options, capture));
+    let fs = DeltaFs(Arc::clone(&core));
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -163,6 +183,24 @@ pub fn run(
             r
         })?;
 
+    // The sealer: turns quiet pending changes into outbox transactions.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sealer = {
+        let core = Arc::clone(&core);
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("sealer".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(SEAL_TICK);
+                    let n = core.seal_if_due(false);
+                    if n > 0 {
+                        tracing::debug!("sealed {n} transaction(s) into the outbox");
+                    }
+                }
+            })?
+    };
+
     let signalled = wait_for_signal_or(done_rx)?;
     if let Some(sig) = signalled {
         tracing::info!("received {sig}: unmounting {}", mountpoint.display());
@@ -175,8 +213,13 @@ pub fn run(
     let result = serve
         .join()
         .map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sealer.join();
+    // Whatever is still pending is sealed now: nothing acknowledged waits for a next mount.
+    core.seal_if_due(true);
     let _ = std::fs::remove_file(home.pid_file());
     store.sync_wal().context("flushing the store at unmount")?;
+    drop(core);
     drop(store);
     tracing::info!("unmounted {}", mountpoint.display());
     result.context("FUSE session")

@@ -138,16 +138,18 @@ pub struct Inode {
     pub ctime: Timespec,
     pub crtime: Timespec,
     pub rdev: u32,
-    /// For a folder, the folder holding it (the root holds itself).
+    /// The folder holding its (first) link (the root holds itself).
     pub parent: u64,
     /// Reserved for per-inode flags (content absent, ...).
     pub flags: u32,
     /// A symlink's target.
     pub symlink: Vec<u8>,
+    /// The name of its (first) link in `parent`, for building change-log ops.
+    pub name: Vec<u8>,
 }
 
 const INODE_LAYOUT: u8 = 1;
-const INODE_FIXED: usize = 1 + 16 + 1 + 2 + 4 + 4 + 4 + 8 + 4 * 12 + 4 + 8 + 4;
+const INODE_FIXED: usize = 1 + 16 + 1 + 2 + 4 + 4 + 4 + 8 + 4 * 12 + 4 + 8 + 4 + 4;
 
 fn put_ts(out: &mut Vec<u8>, t: Timespec) {
     out.extend_from_slice(&t.secs.to_le_bytes());
@@ -210,7 +212,9 @@ impl Inode {
         out.extend_from_slice(&self.rdev.to_le_bytes());
         out.extend_from_slice(&self.parent.to_le_bytes());
         out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&(self.symlink.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.symlink);
+        out.extend_from_slice(&self.name);
         out
     }
 
@@ -222,7 +226,7 @@ impl Inode {
                 "inode {ino}: unknown layout {layout}"
             )));
         }
-        Ok(Inode {
+        let mut inode = Inode {
             ino,
             object: ObjectId(r.arr()?),
             kind: FileKind::from_u8(r.u8()?)?,
@@ -238,8 +242,13 @@ impl Inode {
             rdev: r.u32()?,
             parent: r.u64()?,
             flags: r.u32()?,
-            symlink: r.buf.to_vec(),
-        })
+            symlink: Vec::new(),
+            name: Vec::new(),
+        };
+        let symlink_len = r.u32()? as usize;
+        inode.symlink = r.take(symlink_len)?.to_vec();
+        inode.name = r.buf.to_vec();
+        Ok(inode)
     }
 }
 

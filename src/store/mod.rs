@@ -16,6 +16,7 @@
 //!   `orphan/`; [`Store::open`] removes orphans left by a crash.
 
 mod codec;
+pub mod sync_state;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -28,6 +29,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use crate::changelog::ObjectId;
 pub use codec::{FileKind, Inode, Timespec};
+pub use sync_state::{ObjectState, PendingFlags, SyncKind};
 
 /// Inode number of the root folder (FUSE's fixed root id).
 pub const ROOT_INO: u64 = 1;
@@ -37,7 +39,18 @@ const CF_DIRENTS: &str = "dirents";
 const CF_XATTRS: &str = "xattrs";
 const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 5] = [CF_INODES, CF_DIRENTS, CF_XATTRS, CF_OBJECTS, CF_META];
+const ALL_CFS: [&str; 10] = [
+    CF_INODES,
+    CF_DIRENTS,
+    CF_XATTRS,
+    CF_OBJECTS,
+    CF_META,
+    sync_state::CF_OBJSTATE,
+    sync_state::CF_PENDING,
+    sync_state::CF_OUTBOX,
+    sync_state::CF_SIGNATURES,
+    sync_state::CF_LEAVES,
+];
 
 const META_NEXT_INO: &[u8] = b"next_ino";
 const META_FORMAT: &[u8] = b"format";
@@ -67,6 +80,7 @@ pub struct Store {
     db: DB,
     content_dir: PathBuf,
     next_ino: AtomicU64,
+    next_outbox: AtomicU64,
 }
 
 /// A group of metadata changes that commit together or not at all.
@@ -131,8 +145,26 @@ impl Store {
             db,
             content_dir: content_dir.to_path_buf(),
             next_ino: AtomicU64::new(ROOT_INO + 1),
+            next_outbox: AtomicU64::new(1),
         };
         store.init(root_uid, root_gid)?;
+        Ok(Arc::new(store))
+    }
+
+    /// Opens the store for reading only, beside a daemon that has it open (for `status` and
+    /// inspection). It sees what was committed when it opened.
+    ///
+    /// # Errors
+    /// There is no store in `db_dir`, or it cannot be read.
+    pub fn open_read_only(db_dir: &Path, content_dir: &Path) -> Result<Arc<Store>> {
+        let opts = Options::default();
+        let db = DB::open_cf_for_read_only(&opts, db_dir, ALL_CFS, false)?;
+        let store = Store {
+            db,
+            content_dir: content_dir.to_path_buf(),
+            next_ino: AtomicU64::new(0),
+            next_outbox: AtomicU64::new(0),
+        };
         Ok(Arc::new(store))
     }
 
@@ -173,6 +205,7 @@ impl Store {
                     parent: ROOT_INO,
                     flags: 0,
                     symlink: Vec::new(),
+                    name: Vec::new(),
                 };
                 let mut b = self.batch();
                 b.put_inode(&root);
@@ -189,6 +222,8 @@ impl Store {
                 None => return Err(StoreError::Corrupt("inode counter missing".into())),
             };
         self.next_ino.store(next, Ordering::SeqCst);
+        self.next_outbox
+            .store(sync_state::load_outbox_next(self)?, Ordering::SeqCst);
         self.remove_orphans()
     }
 
@@ -211,7 +246,7 @@ impl Store {
             if let Some(inode) = self.get_inode(ino)? {
                 if inode.nlink == 0 {
                     b.delete_inode(&inode)?;
-                    self.remove_content(&inode.object)?;
+                    self.remove_content(inode.ino)?;
                 }
             }
             b.wb.delete_cf(meta, orphan_key(ino));
@@ -358,15 +393,18 @@ impl Store {
         Ok(out)
     }
 
-    /// The path of an object's content file.
-    pub fn content_path(&self, object: &ObjectId) -> PathBuf {
-        let hex = object.to_hex();
-        self.content_dir.join(&hex[..2]).join(&hex)
+    /// The path of an inode's content file. Content is named by the local inode number,
+    /// which never changes, so an object id can move between inodes in one batch (the
+    /// editors' save pattern) without touching files (decision 0003).
+    pub fn content_path(&self, ino: u64) -> PathBuf {
+        self.content_dir
+            .join(format!("{:02x}", ino & 0xff))
+            .join(format!("{ino:016x}"))
     }
 
-    /// Opens an object's content file for reading and writing, creating it if asked.
-    pub fn open_content(&self, object: &ObjectId, create: bool) -> Result<File> {
-        let path = self.content_path(object);
+    /// Opens an inode's content file for reading and writing, creating it if asked.
+    pub fn open_content(&self, ino: u64, create: bool) -> Result<File> {
+        let path = self.content_path(ino);
         let open = |p: &Path| {
             OpenOptions::new()
                 .read(true)
@@ -387,9 +425,9 @@ impl Store {
         }
     }
 
-    /// Removes an object's content file (absent is fine).
-    pub fn remove_content(&self, object: &ObjectId) -> Result<()> {
-        match std::fs::remove_file(self.content_path(object)) {
+    /// Removes an inode's content file (absent is fine).
+    pub fn remove_content(&self, ino: u64) -> Result<()> {
+        match std::fs::remove_file(self.content_path(ino)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),

@@ -27,7 +27,8 @@ pub struct Mounted {
     pub dir: tempfile::TempDir,
     pub home: PathBuf,
     pub mp: PathBuf,
-    extra_args: Vec<String>,
+    /// Extra `deltadrive mount` arguments, used by every (re)mount.
+    pub extra_args: Vec<String>,
     mounted: bool,
 }
 

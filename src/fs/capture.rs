@@ -1,0 +1,986 @@
+//! Change capture: from what the kernel told us to transactions in the outbox.
+//!
+//! Every mutating request marks the objects it changed as pending (in the same batch as
+//! the change) and, for writes, records the dirty byte ranges in memory. Sealing turns
+//! pending objects into one transaction by comparing each object's current state with its
+//! previous state (`objstate`): what was created, moved, rewritten, edited in place,
+//! re-moded or deleted since it was last announced. Intermediate states never travel, so
+//! bursts coalesce.
+//!
+//! When sealing happens (the commit points):
+//! - a content edit of an already-announced file: at its close after writing and at fsync;
+//! - everything else (new files, deletes, renames, folders): once the whole tree has been
+//!   quiet for `quiet` (default 300 ms), and after at most `max_delay` of continuous
+//!   activity. Waiting is what lets an editor's save pattern — write a temp file, rename it
+//!   over the original; or rename the original away, write a new file, delete the old —
+//!   be recognised: a new file that ends up where an announced file was (deleted or moved
+//!   away) takes over that file's object id, and the change travels as an edit of it.
+//!
+//! What always holds: the outbox entry, the advanced `objstate`, the signatures and the
+//! cleared `pending` marks commit in one batch, under the file system's metadata lock.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::changelog::{
+    empty_hash, ContentHash, Delta, Name, ObjectId, ObjectKind, Op, OpKind, Transaction,
+};
+use crate::delta::hash_tree::LeafHashes;
+use crate::delta::{self, BlockSignature, ChoiceContext, DirtyRanges, Strategy, WriteKind};
+use crate::store::{
+    Batch, FileKind, Inode, ObjectState, PendingFlags, Store, StoreError, SyncKind, ROOT_INO,
+};
+
+/// Largest payload put in one transaction; bigger new content is split into several.
+const MAX_TX_PAYLOAD: u64 = 48 << 20;
+/// Largest `Whole` delta; bigger files travel as ranges or rsync deltas.
+const MAX_WHOLE: u64 = 32 << 20;
+/// Dirty ranges kept per file before the file counts as rewritten.
+const MAX_DIRTY_RANGES: usize = 4096;
+
+/// Capture state shared by the FUSE threads and the sealer.
+pub struct Capture {
+    device: String,
+    quiet: Duration,
+    max_delay: Duration,
+    dirty: Mutex<HashMap<u64, DirtyRanges>>,
+    pending: Mutex<HashMap<ObjectId, PendingFlags>>,
+    activity: Mutex<Activity>,
+}
+
+struct Activity {
+    last_change: Instant,
+    oldest_unsealed: Option<Instant>,
+}
+
+fn sync_kind(k: FileKind) -> Option<SyncKind> {
+    match k {
+        FileKind::File => Some(SyncKind::File),
+        FileKind::Directory => Some(SyncKind::Directory),
+        FileKind::Symlink => Some(SyncKind::Symlink),
+        _ => None,
+    }
+}
+
+/// Seconds and nanoseconds as the change log's nanoseconds.
+fn mtime_ns(i: &Inode) -> i64 {
+    i.mtime.as_nanos()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Capture {
+    /// Capture state for a store, with the pending marks a previous run left.
+    ///
+    /// # Errors
+    /// Reading the pending marks failed.
+    pub fn load(store: &Store, device: String, quiet: Duration) -> Result<Capture, StoreError> {
+        let pending: HashMap<_, _> = store.pending()?.into_iter().collect();
+        let has_pending = !pending.is_empty();
+        let now = Instant::now();
+        Ok(Capture {
+            device,
+            quiet,
+            max_delay: Duration::from_secs(5).max(quiet * 4),
+            dirty: Mutex::new(HashMap::new()),
+            pending: Mutex::new(pending),
+            activity: Mutex::new(Activity {
+                last_change: now,
+                oldest_unsealed: has_pending.then_some(now),
+            }),
+        })
+    }
+
+    /// Marks `inode`'s object as changed, in the batch that changes it.
+    pub fn touch(&self, b: &mut Batch<'_>, inode: &Inode, rewritten: bool) {
+        if sync_kind(inode.kind).is_none() || inode.ino == ROOT_INO {
+            return;
+        }
+        let mut p = self.pending.lock();
+        let old = p.get(&inode.object).copied();
+        let flags = PendingFlags {
+            rewritten: rewritten || old.is_some_and(|f| f.rewritten),
+        };
+        if old != Some(flags) {
+            b.set_pending(&inode.object, flags);
+            p.insert(inode.object, flags);
+        }
+        drop(p);
+        let mut a = self.activity.lock();
+        let now = Instant::now();
+        a.last_change = now;
+        a.oldest_unsealed.get_or_insert(now);
+    }
+
+    /// Records bytes written in place. Returns true when the file has so many separate
+    /// dirty ranges that it should count as rewritten.
+    pub fn wrote(&self, ino: u64, offset: u64, len: u64) -> bool {
+        let mut d = self.dirty.lock();
+        let r = d.entry(ino).or_default();
+        r.insert(offset, len);
+        r.range_count() > MAX_DIRTY_RANGES
+    }
+
+    /// Records a size change (truncate, fallocate past the end).
+    pub fn resized(&self, ino: u64, size: u64) {
+        self.dirty.lock().entry(ino).or_default().truncate(size);
+    }
+
+    /// Forgets an inode's dirty ranges (it is gone).
+    pub fn forget(&self, ino: u64) {
+        self.dirty.lock().remove(&ino);
+    }
+
+    /// Whether sealing everything is due: quiet long enough, or busy for too long.
+    pub fn due(&self) -> bool {
+        let a = self.activity.lock();
+        match a.oldest_unsealed {
+            None => false,
+            Some(oldest) => {
+                a.last_change.elapsed() >= self.quiet || oldest.elapsed() >= self.max_delay
+            }
+        }
+    }
+
+    fn is_pending(&self, object: &ObjectId) -> bool {
+        self.pending.lock().contains_key(object)
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+}
+
+/// One object being sealed.
+struct Item {
+    object: ObjectId,
+    flags: PendingFlags,
+    inode: Option<Inode>,
+    state: Option<ObjectState>,
+}
+
+/// Transactions under construction: ops and their payload, split when large.
+struct TxBuilder {
+    device: String,
+    done: Vec<Vec<Op>>,
+    ops: Vec<Op>,
+    payload: u64,
+}
+
+impl TxBuilder {
+    fn push(&mut self, op: Op) {
+        let size = match &op.kind {
+            OpKind::Write { delta, .. } => match delta {
+                Delta::Whole(b) | Delta::Rsync(b) => b.len() as u64,
+                Delta::Ranges { ranges, .. } => ranges.iter().map(|(_, b)| b.len() as u64).sum(),
+            },
+            _ => 64,
+        };
+        if self.payload + size > MAX_TX_PAYLOAD && !self.ops.is_empty() {
+            self.done.push(std::mem::take(&mut self.ops));
+            self.payload = 0;
+        }
+        self.payload += size;
+        self.ops.push(op);
+    }
+
+    fn finish(mut self) -> Vec<Transaction> {
+        if !self.ops.is_empty() {
+            self.done.push(self.ops);
+        }
+        let time_ms = now_ms();
+        self.done
+            .into_iter()
+            .map(|ops| Transaction {
+                id: rand::random(),
+                device: self.device.clone(),
+                time_ms,
+                ops,
+            })
+            .collect()
+    }
+}
+
+fn op(object: ObjectId, st: &mut ObjectState, kind: OpKind) -> Op {
+    let base = st.version;
+    st.version += 1;
+    Op {
+        object,
+        base_version: base,
+        new_version: base + 1,
+        kind,
+    }
+}
+
+fn read_exact(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    file.read_exact_at(buf, offset)
+}
+
+/// The sealer: reads the store and content files under the metadata lock.
+pub struct Sealer<'a> {
+    pub store: &'a Store,
+    pub capture: &'a Capture,
+}
+
+impl Sealer<'_> {
+    fn object_of(&self, ino: u64) -> Result<ObjectId, StoreError> {
+        Ok(self
+            .store
+            .get_inode(ino)?
+            .map(|i| i.object)
+            .unwrap_or(ObjectId::ROOT))
+    }
+
+    fn load(&self, only: Option<ObjectId>) -> Result<Vec<Item>, StoreError> {
+        let objects: Vec<(ObjectId, PendingFlags)> = match only {
+            Some(o) => self
+                .capture
+                .pending
+                .lock()
+                .get(&o)
+                .map(|f| vec![(o, *f)])
+                .unwrap_or_default(),
+            None => self
+                .capture
+                .pending
+                .lock()
+                .iter()
+                .map(|(o, f)| (*o, *f))
+                .collect(),
+        };
+        let mut items = Vec::with_capacity(objects.len());
+        for (object, flags) in objects {
+            let inode = match self.store.ino_of_object(&object)? {
+                Some(ino) => self.store.get_inode(ino)?.filter(|i| i.nlink > 0),
+                None => None,
+            };
+            let state = self.store.object_state(&object)?;
+            items.push(Item {
+                object,
+                flags,
+                inode,
+                state,
+            });
+        }
+        Ok(items)
+    }
+
+    /// Seals pending changes into outbox transactions; `only` restricts it to one announced,
+    /// live object (a content edit at close or fsync). Returns the transactions written.
+    ///
+    /// # Errors
+    /// Reading content or the store failed; nothing was committed then.
+    pub fn seal(&self, only: Option<ObjectId>) -> Result<usize, StoreError> {
+        let mut items = self.load(only)?;
+        if let Some(o) = only {
+            // An early seal only takes a live, announced object.
+            if !items
+                .iter()
+                .all(|i| i.object == o && i.inode.is_some() && i.state.is_some())
+            {
+                return Ok(0);
+            }
+        }
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut b = self.store.batch();
+        self.transfer_identities(&mut items, &mut b)?;
+
+        let mut tx = TxBuilder {
+            device: self.capture.device.clone(),
+            done: Vec::new(),
+            ops: Vec::new(),
+            payload: 0,
+        };
+        // Order so the server can apply each op in turn: file deletes free names; folders
+        // are created parents first; moves; new files and symlinks; edits; folder deletes
+        // deepest first.
+        let mut file_deletes = Vec::new();
+        let mut dir_deletes = Vec::new();
+        let mut creates = Vec::new();
+        let mut changed = Vec::new();
+        for it in items {
+            b.clear_pending(&it.object);
+            match (&it.inode, &it.state) {
+                (None, Some(st)) => {
+                    if st.kind == SyncKind::Directory {
+                        dir_deletes.push(it);
+                    } else {
+                        file_deletes.push(it);
+                    }
+                }
+                (None, None) => {}
+                (Some(_), None) => creates.push(it),
+                (Some(_), Some(_)) => changed.push(it),
+            }
+        }
+        for it in &file_deletes {
+            self.seal_delete(it, &mut tx, &mut b);
+        }
+        // Folders before what they hold: sort new items by depth.
+        let mut with_depth = Vec::new();
+        for it in creates {
+            let d = self.depth(it.inode.as_ref().map(|i| i.ino).unwrap_or(ROOT_INO))?;
+            with_depth.push((d, it));
+        }
+        with_depth
+            .sort_by_key(|(d, it)| (*d, it.inode.as_ref().map(|i| i.kind != FileKind::Directory)));
+        for (_, it) in with_depth.iter().filter(|(_, it)| {
+            it.inode
+                .as_ref()
+                .is_some_and(|i| i.kind == FileKind::Directory)
+        }) {
+            self.seal_create(it, &mut tx, &mut b)?;
+        }
+        for it in &mut changed {
+            self.seal_move(it, &mut tx)?;
+        }
+        for (_, it) in with_depth.iter().filter(|(_, it)| {
+            it.inode
+                .as_ref()
+                .is_some_and(|i| i.kind != FileKind::Directory)
+        }) {
+            self.seal_create(it, &mut tx, &mut b)?;
+        }
+        for it in &mut changed {
+            self.seal_edit(it, &mut tx, &mut b)?;
+        }
+        let mut dd = Vec::new();
+        for it in dir_deletes {
+            let depth = it.state.as_ref().map(|s| s.name.len()).unwrap_or(0);
+            dd.push((depth, it));
+        }
+        // Deepest first: a folder's children were sealed deleted in the same pass; deleting
+        // in reverse creation order (unknown here) is approximated by emptiness on the server.
+        for (_, it) in dd.iter().rev() {
+            self.seal_delete(it, &mut tx, &mut b);
+        }
+        let txs = tx.finish();
+        let n = txs.len();
+        for t in &txs {
+            b.push_outbox(t)?;
+        }
+        self.store.commit(b, false)?;
+        {
+            let mut p = self.capture.pending.lock();
+            let sealed: Vec<ObjectId> = with_depth
+                .iter()
+                .map(|(_, it)| it.object)
+                .chain(changed.iter().map(|it| it.object))
+                .chain(file_deletes.iter().map(|it| it.object))
+                .chain(dd.iter().map(|(_, it)| it.object))
+                .collect();
+            for o in sealed {
+                p.remove(&o);
+            }
+            if p.is_empty() {
+                self.capture.activity.lock().oldest_unsealed = None;
+            }
+        }
+        Ok(n)
+    }
+
+    fn depth(&self, mut ino: u64) -> Result<u32, StoreError> {
+        let mut d = 0;
+        while ino != ROOT_INO && d < 4096 {
+            ino = self
+                .store
+                .get_inode(ino)?
+                .map(|i| i.parent)
+                .unwrap_or(ROOT_INO);
+            d += 1;
+        }
+        Ok(d)
+    }
+
+    /// The editors' save patterns: a new file where an announced file was (deleted, or moved
+    /// away) takes over that file's object id, so the change travels as an edit.
+    fn transfer_identities(
+        &self,
+        items: &mut Vec<Item>,
+        b: &mut Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let new_files: Vec<usize> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, it)| {
+                it.state.is_none() && it.inode.as_ref().is_some_and(|i| i.kind == FileKind::File)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for n in new_files {
+            let Some(inode) = items[n].inode.clone() else {
+                continue;
+            };
+            let parent = self.object_of(inode.parent)?;
+            let here = |st: &ObjectState| {
+                st.kind == SyncKind::File && st.parent == parent && st.name == inode.name
+            };
+            // A deleted announced file that lived here.
+            let donor = items
+                .iter()
+                .position(|it| it.inode.is_none() && it.state.as_ref().is_some_and(here));
+            if let Some(d) = donor {
+                let donor_obj = items[d].object;
+                let state = items[d].state.take();
+                let mut moved = inode.clone();
+                moved.object = donor_obj;
+                b.put_inode(&moved);
+                b.clear_pending(&items[n].object);
+                items[n].object = donor_obj;
+                items[n].state = state;
+                items[n].inode = Some(moved);
+                items[n].flags.rewritten = true;
+                items.remove(d);
+                continue;
+            }
+            // An announced file that was moved away from here and still lives elsewhere.
+            let moved_away = items.iter().position(|it| {
+                it.state.as_ref().is_some_and(here)
+                    && it.inode.as_ref().is_some_and(|i| {
+                        i.kind == FileKind::File
+                            && (i.parent != inode.parent || i.name != inode.name)
+                    })
+            });
+            if let Some(m) = moved_away {
+                let old_obj = items[m].object;
+                let fresh = ObjectId::random();
+                let Some(mut old_inode) = items[m].inode.clone() else {
+                    continue;
+                };
+                old_inode.object = fresh;
+                let mut new_inode = inode.clone();
+                new_inode.object = old_obj;
+                b.put_inode(&old_inode);
+                b.put_inode(&new_inode);
+                b.clear_pending(&items[n].object);
+                let state = items[m].state.take();
+                // The moved-away file becomes a new object with the old content.
+                items[m].object = fresh;
+                items[m].inode = Some(old_inode);
+                items[m].flags.rewritten = true;
+                items[n].object = old_obj;
+                items[n].state = state;
+                items[n].inode = Some(new_inode);
+                items[n].flags.rewritten = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn seal_delete(&self, it: &Item, tx: &mut TxBuilder, b: &mut Batch<'_>) {
+        if let Some(st) = &it.state {
+            let mut st = st.clone();
+            tx.push(op(it.object, &mut st, OpKind::Delete));
+            b.delete_object_state(&it.object);
+        }
+    }
+
+    fn seal_create(
+        &self,
+        it: &Item,
+        tx: &mut TxBuilder,
+        b: &mut Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let Some(inode) = &it.inode else {
+            return Ok(());
+        };
+        let Some(kind) = sync_kind(inode.kind) else {
+            return Ok(());
+        };
+        let Ok(name) = Name::new(inode.name.clone()) else {
+            tracing::warn!(
+                "not syncing {:?}: its name cannot travel",
+                String::from_utf8_lossy(&inode.name)
+            );
+            return Ok(());
+        };
+        let parent = self.object_of(inode.parent)?;
+        let mut st = ObjectState {
+            version: 0,
+            kind,
+            parent,
+            name: inode.name.clone(),
+            mode: u32::from(inode.perm),
+            mtime_ns: mtime_ns(inode),
+            hash: empty_hash(),
+            size: 0,
+            strategy: 0,
+            last_ratio_permille: 0,
+            xattrs: Vec::new(),
+        };
+        let okind = match kind {
+            SyncKind::File => ObjectKind::File,
+            SyncKind::Directory => ObjectKind::Directory,
+            SyncKind::Symlink => ObjectKind::Symlink {
+                target: inode.symlink.clone(),
+            },
+        };
+        tx.push(op(
+            it.object,
+            &mut st,
+            OpKind::Create {
+                parent,
+                name,
+                kind: okind,
+                mode: u32::from(inode.perm),
+                mtime_ns: mtime_ns(inode),
+            },
+        ));
+        if kind == SyncKind::File && inode.size > 0 {
+            self.write_rewritten(it.object, inode, &mut st, tx, b)?;
+        }
+        self.seal_xattrs(it.object, inode, &mut st, tx)?;
+        self.capture.forget(inode.ino);
+        b.put_object_state(&it.object, &st);
+        Ok(())
+    }
+
+    fn seal_move(&self, it: &mut Item, tx: &mut TxBuilder) -> Result<(), StoreError> {
+        let (Some(inode), Some(st)) = (&it.inode, &mut it.state) else {
+            return Ok(());
+        };
+        let parent = self.object_of(inode.parent)?;
+        if parent != st.parent || inode.name != st.name {
+            let Ok(name) = Name::new(inode.name.clone()) else {
+                return Ok(());
+            };
+            tx.push(op(
+                it.object,
+                st,
+                OpKind::Rename {
+                    new_parent: parent,
+                    new_name: name,
+                },
+            ));
+            st.parent = parent;
+            st.name = inode.name.clone();
+        }
+        Ok(())
+    }
+
+    fn seal_edit(
+        &self,
+        it: &mut Item,
+        tx: &mut TxBuilder,
+        b: &mut Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let (Some(inode), Some(mut st)) = (it.inode.clone(), it.state.clone()) else {
+            return Ok(());
+        };
+        if st.kind == SyncKind::File {
+            let dirty = self.capture.dirty.lock().remove(&inode.ino);
+            if it.flags.rewritten || (dirty.is_none() && inode.size != st.size) {
+                self.write_rewritten(it.object, &inode, &mut st, tx, b)?;
+            } else if let Some(d) = dirty.filter(|d| !d.is_empty() || inode.size != st.size) {
+                self.write_in_place(it.object, &inode, &mut st, &d, tx, b)?;
+            }
+        }
+        let mode = u32::from(inode.perm);
+        // Folder mtimes follow their content on every device; they do not travel.
+        let mt = if st.kind == SyncKind::Directory {
+            st.mtime_ns
+        } else {
+            mtime_ns(&inode)
+        };
+        if mode != st.mode || mt != st.mtime_ns {
+            let kind = OpKind::SetAttr {
+                mode: (mode != st.mode).then_some(mode),
+                mtime_ns: (mt != st.mtime_ns).then_some(mt),
+            };
+            tx.push(op(it.object, &mut st, kind));
+            st.mode = mode;
+            st.mtime_ns = mt;
+        }
+        self.seal_xattrs(it.object, &inode, &mut st, tx)?;
+        b.put_object_state(&it.object, &st);
+        it.state = Some(st);
+        Ok(())
+    }
+
+    fn seal_xattrs(
+        &self,
+        object: ObjectId,
+        inode: &Inode,
+        st: &mut ObjectState,
+        tx: &mut TxBuilder,
+    ) -> Result<(), StoreError> {
+        let mut now: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for n in self.store.list_xattrs(inode.ino)? {
+            if n.starts_with(b"user.deltadrive.") {
+                continue;
+            }
+            if let Some(v) = self.store.get_xattr(inode.ino, &n)? {
+                now.push((n, v));
+            }
+        }
+        for (n, v) in &now {
+            if !st.xattrs.iter().any(|(on, ov)| on == n && ov == v) {
+                tx.push(op(
+                    object,
+                    st,
+                    OpKind::SetXattr {
+                        name: n.clone(),
+                        value: v.clone(),
+                    },
+                ));
+            }
+        }
+        for (on, _) in st.xattrs.clone() {
+            if !now.iter().any(|(n, _)| *n == on) {
+                tx.push(op(object, st, OpKind::RemoveXattr { name: on }));
+            }
+        }
+        st.xattrs = now;
+        Ok(())
+    }
+
+    /// The file's content changed in unknown places: rsync against its signature, or whole;
+    /// new leaf hashes and signature from one read of the file.
+    fn write_rewritten(
+        &self,
+        object: ObjectId,
+        inode: &Inode,
+        st: &mut ObjectState,
+        tx: &mut TxBuilder,
+        b: &mut Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let file = self.store.open_content(inode.ino, true)?;
+        let size = inode.size;
+        let signature = if st.size > delta::strategy::SMALL_FILE_MAX {
+            self.store
+                .signature(&object)?
+                .and_then(|s| BlockSignature::from_bytes(&s, st.size).ok())
+        } else {
+            None
+        };
+        let strategy = delta::choose(&ChoiceContext {
+            file_size: size,
+            last_strategy: Strategy::from_u8(st.strategy),
+            write_kind: WriteKind::Rewritten,
+            dirty_bytes: size,
+            has_signature: signature.is_some() && st.version > 0,
+            last_delta_ratio: (st.strategy != 0)
+                .then_some(f64::from(st.last_ratio_permille) / 1000.0),
+        });
+        let base_hash = st.hash;
+        if size > MAX_WHOLE && !(strategy == Strategy::Rsync && size <= 1 << 30) {
+            // Too big to hold at once: send it as growing ranges, one chunk per op.
+            return self.write_chunked(object, inode, &file, st, tx, b);
+        }
+        let mut content = vec![0u8; size as usize];
+        read_exact(&file, 0, &mut content)?;
+        let new_hash: ContentHash = *blake3::hash(&content).as_bytes();
+        let delta = match (strategy, &signature) {
+            (Strategy::Rsync, Some(sig)) if st.version > 0 => {
+                match delta::rsync_delta(sig, &content) {
+                    Ok(d) if delta_len(&d) < size as usize => d,
+                    _ => whole_or_ranges(content.clone()),
+                }
+            }
+            _ => whole_or_ranges(content.clone()),
+        };
+        let delta_size = delta_len(&delta);
+        // A new file's first content has no base: that is no choice worth remembering.
+        let chosen = if base_hash == empty_hash() {
+            0
+        } else {
+            Strategy::of(&delta).as_u8()
+        };
+        tx.push(op(
+            object,
+            st,
+            OpKind::Write {
+                base_hash,
+                new_hash,
+                new_size: size,
+                delta,
+            },
+        ));
+        st.strategy = chosen;
+        st.last_ratio_permille = ratio(delta_size, size);
+        st.hash = new_hash;
+        st.size = size;
+        self.store_previous(object, &content, st, b);
+        Ok(())
+    }
+
+    /// Content too big to hold at once, sent as ranges of its data: holes of a sparse file
+    /// are not sent (a `Ranges` delta extends with zeros). Each op covers whole 1 MiB leaves,
+    /// so every intermediate version's hash is exact: the leaves sent so far, zeros after.
+    fn write_chunked(
+        &self,
+        object: ObjectId,
+        inode: &Inode,
+        file: &std::fs::File,
+        st: &mut ObjectState,
+        tx: &mut TxBuilder,
+        b: &mut Batch<'_>,
+    ) -> Result<(), StoreError> {
+        use crate::delta::hash_tree::LEAF_LEN;
+        let size = inode.size;
+        let mut base_hash = st.hash;
+        if st.size != 0 {
+            // Cut the base first, so old bytes never show through the holes.
+            let cut = Delta::Ranges {
+                new_size: 0,
+                ranges: Vec::new(),
+            };
+            let empty = empty_hash();
+            tx.push(op(
+                object,
+                st,
+                OpKind::Write {
+                    base_hash,
+                    new_hash: empty,
+                    new_size: 0,
+                    delta: cut,
+                },
+            ));
+            base_hash = empty;
+        }
+        // The leaves of all-zero content of the final size; data leaves replace them op by op.
+        let mut leaves = LeafHashes::default();
+        leaves
+            .update(size, [(0, size)], |_, buf: &mut [u8]| {
+                buf.fill(0);
+                Ok::<(), io::Error>(())
+            })
+            .map_err(StoreError::Io)?;
+        let extents = data_extents(file, size)?;
+        // Leaf indexes that hold data, in order.
+        let mut data_leaves: Vec<u64> = Vec::new();
+        for (off, len) in &extents {
+            for l in off / LEAF_LEN..(off + len).div_ceil(LEAF_LEN) {
+                if data_leaves.last() != Some(&l) {
+                    data_leaves.push(l);
+                }
+            }
+        }
+        let per_op = (MAX_WHOLE / LEAF_LEN).max(1) as usize;
+        let mut groups: Vec<&[u64]> = data_leaves.chunks(per_op).collect();
+        if groups.is_empty() {
+            groups.push(&[]);
+        }
+        for group in groups {
+            let mut ranges = Vec::new();
+            for &l in group {
+                let start = l * LEAF_LEN;
+                let end = (start + LEAF_LEN).min(size);
+                for (off, len) in &extents {
+                    let (a, z) = ((*off).max(start), (off + len).min(end));
+                    if a < z {
+                        let mut buf = vec![0u8; (z - a) as usize];
+                        read_exact(file, a, &mut buf)?;
+                        ranges.push((a, buf));
+                    }
+                }
+            }
+            leaves
+                .update(
+                    size,
+                    group.iter().map(|l| (l * LEAF_LEN, LEAF_LEN)),
+                    |i, buf| read_exact(file, i * LEAF_LEN, buf),
+                )
+                .map_err(StoreError::Io)?;
+            let new_hash = leaves.root_with(|| {
+                let mut v = vec![0u8; size as usize];
+                let _ = read_exact(file, 0, &mut v);
+                v
+            });
+            let delta = Delta::Ranges {
+                new_size: size,
+                ranges,
+            };
+            tx.push(op(
+                object,
+                st,
+                OpKind::Write {
+                    base_hash,
+                    new_hash,
+                    new_size: size,
+                    delta,
+                },
+            ));
+            base_hash = new_hash;
+        }
+        // A signature lets a later whole rewrite travel as an rsync delta; past 1 GiB it
+        // costs more to keep than it saves, and such files travel as ranges.
+        if size <= 1 << 30 {
+            let mut sig =
+                BlockSignature::calculate_with_block_size(&[], delta::block_size_for(size));
+            sig.update_blocks(size, [(0, size)], |o, buf| read_exact(file, o, buf))
+                .map_err(StoreError::Io)?;
+            b.put_signature(&object, &sig.to_bytes());
+        } else {
+            b.delete_signature(&object);
+        }
+        st.hash = base_hash;
+        st.size = size;
+        st.strategy = Strategy::Ranges.as_u8();
+        st.last_ratio_permille = 1000;
+        b.put_leaves(&object, &leaves.encode());
+        Ok(())
+    }
+
+    /// An in-place edit with known dirty ranges: send just those bytes; update the leaf
+    /// hashes and signature blocks they touch.
+    fn write_in_place(
+        &self,
+        object: ObjectId,
+        inode: &Inode,
+        st: &mut ObjectState,
+        dirty: &DirtyRanges,
+        tx: &mut TxBuilder,
+        b: &mut Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let file = self.store.open_content(inode.ino, true)?;
+        let size = inode.size;
+        let to_send = dirty.to_send(size);
+        let dirty_bytes: u64 = to_send.iter().map(|(_, l)| l).sum();
+        let strategy = delta::choose(&ChoiceContext {
+            file_size: size,
+            last_strategy: Strategy::from_u8(st.strategy),
+            write_kind: WriteKind::InPlace,
+            dirty_bytes,
+            has_signature: false,
+            last_delta_ratio: None,
+        });
+        if strategy != Strategy::Ranges || size <= delta::strategy::SMALL_FILE_MAX {
+            return self.write_rewritten(object, inode, st, tx, b);
+        }
+        let leaves = self
+            .store
+            .leaves(&object)?
+            .and_then(|l| LeafHashes::decode(&l).ok())
+            .filter(|l| l.len() == st.size);
+        let Some(mut leaves) = leaves else {
+            return self.write_rewritten(object, inode, st, tx, b);
+        };
+        let delta = match delta::ranges_delta(dirty, size, |o, buf| read_exact(&file, o, buf)) {
+            Ok(d) => d,
+            Err(_) => return self.write_rewritten(object, inode, st, tx, b),
+        };
+        leaves
+            .update(size, to_send.iter().copied(), |i, buf| {
+                read_exact(&file, i * crate::delta::hash_tree::LEAF_LEN, buf)
+            })
+            .map_err(StoreError::Io)?;
+        let new_hash = leaves.root_with(|| {
+            let mut v = vec![0u8; size as usize];
+            let _ = read_exact(&file, 0, &mut v);
+            v
+        });
+        if let Some(sig) = self.store.signature(&object)? {
+            if let Ok(mut sig) = BlockSignature::from_bytes(&sig, st.size) {
+                sig.update_blocks(size, to_send.iter().copied(), |o, buf| {
+                    read_exact(&file, o, buf)
+                })
+                .map_err(StoreError::Io)?;
+                b.put_signature(&object, &sig.to_bytes());
+            }
+        }
+        let delta_size = delta_len(&delta);
+        let base_hash = st.hash;
+        tx.push(op(
+            object,
+            st,
+            OpKind::Write {
+                base_hash,
+                new_hash,
+                new_size: size,
+                delta,
+            },
+        ));
+        st.strategy = Strategy::Ranges.as_u8();
+        st.last_ratio_permille = ratio(delta_size, size);
+        st.hash = new_hash;
+        st.size = size;
+        b.put_leaves(&object, &leaves.encode());
+        Ok(())
+    }
+
+    /// Keeps the previous state of content just sent: leaf hashes, and for files that may
+    /// take deltas, the rsync signature.
+    fn store_previous(
+        &self,
+        object: ObjectId,
+        content: &[u8],
+        st: &ObjectState,
+        b: &mut Batch<'_>,
+    ) {
+        b.put_leaves(&object, &LeafHashes::of(content).encode());
+        if st.size > delta::strategy::SMALL_FILE_MAX {
+            b.put_signature(&object, &BlockSignature::calculate(content).to_bytes());
+        } else {
+            b.delete_signature(&object);
+        }
+    }
+}
+
+/// The data extents of a file (SEEK_DATA/SEEK_HOLE), or the whole range where the file
+/// system cannot tell.
+fn data_extents(file: &std::fs::File, size: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while (pos as u64) < size {
+        // SAFETY: a valid open fd; lseek only moves this fd's offset, which nobody else uses.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Ok(vec![(0, size)]);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            size as i64
+        } else {
+            hole.min(size as i64)
+        };
+        if end > data {
+            out.push((data as u64, (end - data) as u64));
+        }
+        pos = end.max(data + 1);
+    }
+    Ok(out)
+}
+
+fn whole_or_ranges(content: Vec<u8>) -> Delta {
+    Delta::Whole(content)
+}
+
+fn delta_len(d: &Delta) -> usize {
+    match d {
+        Delta::Whole(b) | Delta::Rsync(b) => b.len(),
+        Delta::Ranges { ranges, .. } => ranges.iter().map(|(_, b)| b.len() + 12).sum(),
+    }
+}
+
+fn ratio(delta: usize, size: u64) -> u32 {
+    if size == 0 {
+        return 1000;
+    }
+    ((delta as u64 * 1000) / size).min(u64::from(u32::MAX)) as u32
+}
+
+impl Capture {
+    /// Whether `object` has unsealed changes (for the status xattr and tests).
+    pub fn has_pending(&self, object: &ObjectId) -> bool {
+        self.is_pending(object)
+    }
+}

@@ -1,0 +1,520 @@
+//! Change capture through a real mount: edits made through the kernel become the expected
+//! ops in the outbox, and replaying the outbox onto an empty previous state reproduces
+//! the mounted tree byte for byte.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::Mounted;
+use deltadrive::changelog::{decode_transaction, Delta, ObjectId, ObjectKind, OpKind, Transaction};
+use deltadrive::store::Store;
+
+/// The outbox of a home, decoded (works while the daemon runs: read-only open).
+fn outbox(home: &Path) -> Vec<Transaction> {
+    let s = Store::open_read_only(&home.join("db"), &home.join("content")).expect("open store");
+    s.outbox()
+        .unwrap()
+        .into_iter()
+        .map(|(_, b)| decode_transaction(&b).expect("outbox entries decode"))
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+struct Obj {
+    parent: ObjectId,
+    name: Vec<u8>,
+    kind: ObjectKind,
+    content: Vec<u8>,
+    version: u64,
+}
+
+/// Applies transactions to a model of the previous state, checking versions and hashes.
+fn replay(txs: &[Transaction]) -> HashMap<ObjectId, Obj> {
+    let mut m: HashMap<ObjectId, Obj> = HashMap::new();
+    for tx in txs {
+        for op in &tx.ops {
+            if let OpKind::Create {
+                parent, name, kind, ..
+            } = &op.kind
+            {
+                assert_eq!(op.base_version, 0);
+                m.insert(
+                    op.object,
+                    Obj {
+                        parent: *parent,
+                        name: name.0.clone(),
+                        kind: kind.clone(),
+                        content: Vec::new(),
+                        version: 1,
+                    },
+                );
+                continue;
+            }
+            let o = m
+                .get_mut(&op.object)
+                .unwrap_or_else(|| panic!("op on unknown object: {op:?}"));
+            assert_eq!(o.version, op.base_version, "ops chain versions: {op:?}");
+            o.version = op.new_version;
+            match &op.kind {
+                OpKind::Write {
+                    base_hash,
+                    new_hash,
+                    new_size,
+                    delta,
+                } => {
+                    o.content = deltadrive::delta::apply_checked(
+                        &o.content,
+                        base_hash,
+                        delta,
+                        new_hash,
+                        *new_size,
+                        1 << 32,
+                    )
+                    .unwrap_or_else(|e| panic!("delta does not apply: {e}"));
+                }
+                OpKind::Truncate { new_size, .. } => o.content.resize(*new_size as usize, 0),
+                OpKind::Rename {
+                    new_parent,
+                    new_name,
+                } => {
+                    o.parent = *new_parent;
+                    o.name = new_name.0.clone();
+                }
+                OpKind::Delete => {
+                    m.remove(&op.object);
+                }
+                _ => {}
+            }
+        }
+    }
+    m
+}
+
+/// path → Some(content) for files, None for folders, Some(target) for symlinks.
+fn model_tree(m: &HashMap<ObjectId, Obj>) -> BTreeMap<String, Option<Vec<u8>>> {
+    let path_of = |mut id: ObjectId| {
+        let mut parts = Vec::new();
+        while id != ObjectId::ROOT {
+            let o = &m[&id];
+            parts.push(String::from_utf8_lossy(&o.name).into_owned());
+            id = o.parent;
+        }
+        parts.reverse();
+        parts.join("/")
+    };
+    m.iter()
+        .map(|(id, o)| {
+            let v = match &o.kind {
+                ObjectKind::Directory => None,
+                ObjectKind::File => Some(o.content.clone()),
+                ObjectKind::Symlink { target } => Some(target.clone()),
+            };
+            (path_of(*id), v)
+        })
+        .collect()
+}
+
+fn disk_tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                out.insert(rel, None);
+                walk(root, &p, out);
+            } else if ft.is_symlink() {
+                out.insert(
+                    rel,
+                    Some(
+                        fs::read_link(&p)
+                            .unwrap()
+                            .into_os_string()
+                            .into_encoded_bytes(),
+                    ),
+                );
+            } else {
+                out.insert(rel, Some(fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn assert_replay_matches(m: &Mounted) -> Vec<Transaction> {
+    let txs = outbox(&m.home);
+    for (i, t) in txs.iter().enumerate() {
+        let ops: Vec<&OpKind> = t.ops.iter().map(|o| &o.kind).collect();
+        eprintln!("outbox[{i}]: {:?}", kinds(&ops));
+    }
+    let model = model_tree(&replay(&txs));
+    let disk = disk_tree(&m.mp);
+    let summary = |t: &BTreeMap<String, Option<Vec<u8>>>| {
+        t.iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {:?}",
+                    v.as_ref()
+                        .map(|c| (c.len(), blake3::hash(c).to_hex()[..8].to_string()))
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        summary(&model),
+        summary(&disk),
+        "replaying the outbox reproduces the mounted tree"
+    );
+    txs
+}
+
+/// Unmounts (sealing everything left) and mounts again.
+fn settle(m: &mut Mounted) {
+    m.unmount();
+    m.mount();
+}
+
+/// Op kinds without payloads, for assertion messages.
+fn kinds(ops: &[&OpKind]) -> Vec<String> {
+    ops.iter()
+        .map(|k| match k {
+            OpKind::Create { name, .. } => format!("Create({name})"),
+            OpKind::Write {
+                new_size, delta, ..
+            } => format!(
+                "Write({new_size}, {:?})",
+                deltadrive::delta::Strategy::of(delta)
+            ),
+            OpKind::Rename { new_name, .. } => format!("Rename({new_name})"),
+            other => format!("{:?}", std::mem::discriminant(*other)),
+        })
+        .collect()
+}
+
+fn ops_on(txs: &[Transaction], object: ObjectId) -> Vec<&OpKind> {
+    txs.iter()
+        .flat_map(|t| &t.ops)
+        .filter(|o| o.object == object)
+        .map(|o| &o.kind)
+        .collect()
+}
+
+fn object_of(txs: &[Transaction], name: &str) -> ObjectId {
+    txs.iter()
+        .flat_map(|t| &t.ops)
+        .find_map(|o| match &o.kind {
+            OpKind::Create { name: n, .. } if n.0 == name.as_bytes() => Some(o.object),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Create of {name}"))
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+#[test]
+fn in_place_edits_travel_as_their_bytes() {
+    let mut m = Mounted::new();
+    let p = m.path("db.bin");
+    fs::write(&p, data(3 << 20, 1)).unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+
+    // One byte in the middle: a Ranges delta of one byte.
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(b"Z", 1_500_000).unwrap();
+    drop(f);
+    // Append.
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b"appended tail").unwrap();
+    drop(f);
+    // Truncate.
+    OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    settle(&mut m);
+
+    let txs = assert_replay_matches(&m);
+    let obj = object_of(&txs, "db.bin");
+    let writes: Vec<&Delta> = txs[before..]
+        .iter()
+        .flat_map(|t| &t.ops)
+        .filter(|o| o.object == obj)
+        .filter_map(|o| match &o.kind {
+            OpKind::Write { delta, .. } => Some(delta),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        writes.len(),
+        3,
+        "one write per close: {:?}",
+        writes
+            .iter()
+            .map(|d| deltadrive::delta::Strategy::of(d))
+            .collect::<Vec<_>>()
+    );
+    match writes[0] {
+        Delta::Ranges { ranges, .. } => {
+            assert_eq!(ranges.len(), 1);
+            assert_eq!(ranges[0].0, 1_500_000);
+            assert_eq!(ranges[0].1, b"Z");
+        }
+        d => panic!(
+            "in-place edit should be a Ranges delta, got {:?}",
+            std::mem::discriminant(d)
+        ),
+    }
+    match writes[1] {
+        Delta::Ranges { ranges, new_size } => {
+            assert_eq!(*new_size, (3 << 20) + 13);
+            assert_eq!(ranges.iter().map(|(_, b)| b.len()).sum::<usize>(), 13);
+        }
+        _ => panic!("append should be a Ranges delta"),
+    }
+    match writes[2] {
+        Delta::Ranges { ranges, new_size } => {
+            assert_eq!(*new_size, 2 << 20);
+            assert!(ranges.is_empty());
+        }
+        _ => panic!("truncate should be a Ranges delta with no bytes"),
+    }
+}
+
+#[test]
+fn temp_file_and_rename_is_an_edit_of_the_original() {
+    let mut m = Mounted::new();
+    fs::create_dir(m.path("docs")).unwrap();
+    fs::write(m.path("docs/report.txt"), data(200_000, 2)).unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+
+    // gedit / VS Code: write a temp file, fsync it, rename it over the original.
+    let mut new = data(200_000, 2);
+    new.splice(100_000..100_000, b"inserted paragraph".iter().copied());
+    let tmp = m.path("docs/.goutputstream-XYZ123");
+    let mut f = fs::File::create(&tmp).unwrap();
+    f.write_all(&new).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    fs::rename(&tmp, m.path("docs/report.txt")).unwrap();
+    settle(&mut m);
+
+    let txs = assert_replay_matches(&m);
+    let obj = object_of(&txs, "report.txt");
+    let after: Vec<&OpKind> = txs[before..]
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|o| &o.kind)
+        .collect();
+    assert!(
+        after
+            .iter()
+            .all(|k| !matches!(k, OpKind::Create { .. } | OpKind::Delete)),
+        "no create or delete: {:?}",
+        kinds(&after)
+    );
+    let on_obj: Vec<_> = ops_on(&txs[before..], obj);
+    match on_obj.iter().find(|k| matches!(k, OpKind::Write { .. })) {
+        Some(OpKind::Write {
+            delta: Delta::Rsync(d),
+            ..
+        }) => {
+            assert!(
+                d.len() < 20_000,
+                "rsync delta of an insertion is small: {} bytes",
+                d.len()
+            )
+        }
+        other => panic!(
+            "expected an rsync Write on the original object, got {:?}",
+            other.map(|k| kinds(&[*k]))
+        ),
+    }
+    assert_eq!(fs::read(m.path("docs/report.txt")).unwrap(), new);
+}
+
+#[test]
+fn vim_like_save_is_an_edit_of_the_original() {
+    let mut m = Mounted::new();
+    fs::write(m.path("notes.md"), data(100_000, 3)).unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+
+    // vim (backupcopy=no): rename the original to a backup, write a new file, delete the backup;
+    // a swap file comes and goes meanwhile.
+    fs::write(m.path(".notes.md.swp"), b"swap").unwrap();
+    fs::rename(m.path("notes.md"), m.path("notes.md~")).unwrap();
+    let mut new = data(100_000, 3);
+    new[50_000] = b'!';
+    fs::write(m.path("notes.md"), &new).unwrap();
+    fs::remove_file(m.path("notes.md~")).unwrap();
+    fs::remove_file(m.path(".notes.md.swp")).unwrap();
+    settle(&mut m);
+
+    let txs = assert_replay_matches(&m);
+    let obj = object_of(&txs, "notes.md");
+    let after: Vec<&OpKind> = txs[before..]
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|o| &o.kind)
+        .collect();
+    assert!(
+        after.iter().all(|k| !matches!(
+            k,
+            OpKind::Create { .. } | OpKind::Delete | OpKind::Rename { .. }
+        )),
+        "the save is one edit: {:?}",
+        kinds(&after)
+    );
+    assert!(ops_on(&txs[before..], obj)
+        .iter()
+        .any(|k| matches!(k, OpKind::Write { .. })));
+}
+
+#[test]
+fn libreoffice_like_save_is_an_edit_and_lock_files_never_travel() {
+    let mut m = Mounted::new();
+    fs::write(m.path("budget.ods"), data(300_000, 4)).unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+
+    // LibreOffice: a lock file, a temp file in the same folder, rename the original to a
+    // backup name, rename the temp over, delete the backup and the lock.
+    fs::write(m.path(".~lock.budget.ods#"), b"user,host").unwrap();
+    let mut new = data(300_000, 4);
+    for i in (0..new.len()).step_by(10_000) {
+        new[i] ^= 0xff;
+    }
+    fs::write(m.path("lu12345abc.tmp"), &new).unwrap();
+    fs::rename(m.path("budget.ods"), m.path("budget.ods.bak")).unwrap();
+    fs::rename(m.path("lu12345abc.tmp"), m.path("budget.ods")).unwrap();
+    fs::remove_file(m.path("budget.ods.bak")).unwrap();
+    fs::remove_file(m.path(".~lock.budget.ods#")).unwrap();
+    settle(&mut m);
+
+    let txs = assert_replay_matches(&m);
+    let after: Vec<&OpKind> = txs[before..]
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|o| &o.kind)
+        .collect();
+    assert!(
+        after.iter().all(|k| !matches!(
+            k,
+            OpKind::Create { .. } | OpKind::Delete | OpKind::Rename { .. }
+        )),
+        "the save is one edit: {:?}",
+        kinds(&after)
+    );
+    let obj = object_of(&txs, "budget.ods");
+    assert!(ops_on(&txs[before..], obj)
+        .iter()
+        .any(|k| matches!(k, OpKind::Write { .. })));
+}
+
+#[test]
+fn a_tree_of_changes_replays_exactly() {
+    let mut m = Mounted::new();
+    fs::create_dir_all(m.path("a/b/c")).unwrap();
+    fs::write(m.path("a/b/c/one.txt"), b"one").unwrap();
+    fs::write(m.path("a/two.bin"), data(500_000, 5)).unwrap();
+    std::os::unix::fs::symlink("b/c/one.txt", m.path("a/link")).unwrap();
+    settle(&mut m);
+    // Moves across folders, a folder rename, deletes, a mode change, a rewrite, a new tree.
+    fs::rename(m.path("a/b/c/one.txt"), m.path("a/one-moved.txt")).unwrap();
+    fs::rename(m.path("a/b"), m.path("a/bee")).unwrap();
+    fs::remove_file(m.path("a/link")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(m.path("a/two.bin"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.path("a/two.bin"), data(400_000, 6)).unwrap();
+    fs::create_dir_all(m.path("new/deep/er")).unwrap();
+    for i in 0..20 {
+        fs::write(m.path(&format!("new/deep/er/f{i}")), format!("file {i}")).unwrap();
+    }
+    fs::remove_dir(m.path("a/bee/c")).unwrap();
+    settle(&mut m);
+    assert_replay_matches(&m);
+}
+
+#[test]
+fn close_commits_an_edit_at_once_and_new_files_wait_for_quiet() {
+    // A long quiet period: only close/fsync commit points can produce outbox entries.
+    let m = Mounted::with_args(&["--quiet-ms", "60000"]);
+    fs::write(m.path("f"), data(100_000, 7)).unwrap();
+    assert_eq!(
+        outbox(&m.home).len(),
+        0,
+        "a new file waits for the quiet period"
+    );
+    drop(m);
+
+    let mut m = Mounted::new();
+    fs::write(m.path("f"), data(100_000, 7)).unwrap();
+    settle(&mut m);
+    let n = outbox(&m.home).len();
+    m.unmount();
+    m.extra_args = vec!["--quiet-ms".into(), "60000".into()];
+    m.mount();
+    let f = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    f.write_all_at(b"edit", 10).unwrap();
+    drop(f);
+    assert_eq!(outbox(&m.home).len(), n + 1, "the close committed the edit");
+}
+
+#[test]
+fn big_and_sparse_files_travel_as_their_data_and_replay_exactly() {
+    let mut m = Mounted::new();
+    let p = m.path("disk.img");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(100 << 20).unwrap();
+    f.write_all_at(&data(3 << 20, 8), 10 << 20).unwrap();
+    f.write_all_at(b"middle", 55 << 20).unwrap();
+    f.write_all_at(&data(40 << 20, 9), 58 << 20).unwrap();
+    drop(f);
+    settle(&mut m);
+    let txs = assert_replay_matches(&m);
+    let sent: usize = txs
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|o| match &o.kind {
+            OpKind::Write {
+                delta: Delta::Ranges { ranges, .. },
+                ..
+            } => ranges.iter().map(|(_, b)| b.len()).sum(),
+            OpKind::Write {
+                delta: Delta::Whole(b) | Delta::Rsync(b),
+                ..
+            } => b.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        sent < 50 << 20,
+        "holes are not sent: {sent} bytes for 43 MiB of data"
+    );
+    // Rewritten whole with different, smaller content: the base is cut first.
+    fs::write(&p, data(35 << 20, 10)).unwrap();
+    settle(&mut m);
+    assert_replay_matches(&m);
+}
