@@ -39,6 +39,9 @@ use crate::store::{
 const MAX_TX_PAYLOAD: u64 = 48 << 20;
 /// Largest `Whole` delta; bigger files travel as ranges or rsync deltas.
 const MAX_WHOLE: u64 = 32 << 20;
+/// Largest file whose rewrites travel as rsync deltas (the new content is read whole into
+/// memory to diff it) and whose signature is kept.
+const MAX_RSYNC: u64 = 4 << 30;
 /// Dirty ranges kept per file before the file counts as rewritten.
 const MAX_DIRTY_RANGES: usize = 4096;
 
@@ -49,8 +52,13 @@ pub struct Capture {
     max_delay: Duration,
     dirty: Mutex<HashMap<u64, DirtyRanges>>,
     pending: Mutex<HashMap<ObjectId, PendingFlags>>,
+    /// When each pending object first and last changed since it was last sealed.
+    changed: Mutex<HashMap<ObjectId, (Instant, Instant)>>,
     activity: Mutex<Activity>,
 }
+
+/// New files, renames and deletes still changing after this long are sealed anyway.
+const MAX_UNSEALED: Duration = Duration::from_secs(60);
 
 struct Activity {
     last_change: Instant,
@@ -92,6 +100,7 @@ impl Capture {
             quiet,
             max_delay: Duration::from_secs(5).max(quiet * 4),
             dirty: Mutex::new(HashMap::new()),
+            changed: Mutex::new(HashMap::new()),
             pending: Mutex::new(pending),
             activity: Mutex::new(Activity {
                 last_change: now,
@@ -115,8 +124,13 @@ impl Capture {
             p.insert(inode.object, flags);
         }
         drop(p);
-        let mut a = self.activity.lock();
         let now = Instant::now();
+        self.changed
+            .lock()
+            .entry(inode.object)
+            .and_modify(|(_, last)| *last = now)
+            .or_insert((now, now));
+        let mut a = self.activity.lock();
         a.last_change = now;
         a.oldest_unsealed.get_or_insert(now);
     }
@@ -149,6 +163,23 @@ impl Capture {
                 a.last_change.elapsed() >= self.quiet || oldest.elapsed() >= self.max_delay
             }
         }
+    }
+
+    /// Whether a pending object may be sealed now by a periodic seal: it has been quiet
+    /// long enough, or it has been changing for too long. (Unknown objects, pending since a
+    /// previous run, are quiet.)
+    fn settled(&self, object: &ObjectId) -> bool {
+        match self.changed.lock().get(object) {
+            None => true,
+            Some((first, last)) => last.elapsed() >= self.quiet || first.elapsed() >= MAX_UNSEALED,
+        }
+    }
+
+    /// After a periodic seal: what is still pending waits another round.
+    pub fn rearm(&self) {
+        let empty = self.pending.lock().is_empty();
+        let mut a = self.activity.lock();
+        a.oldest_unsealed = if empty { None } else { Some(Instant::now()) };
     }
 
     fn is_pending(&self, object: &ObjectId) -> bool {
@@ -280,7 +311,34 @@ impl Sealer<'_> {
     /// # Errors
     /// Reading content or the store failed; nothing was committed then.
     pub fn seal(&self, only: Option<ObjectId>) -> Result<usize, StoreError> {
+        self.seal_with(only, true)
+    }
+
+    /// A periodic seal: like [`Sealer::seal`] of everything, but an object still changing
+    /// waits (a file being written, the halves of a save pattern), unless it is an
+    /// announced file whose edit in place cannot be part of a save pattern.
+    pub fn seal_settled(&self) -> Result<usize, StoreError> {
+        self.seal_with(None, false)
+    }
+
+    fn seal_with(&self, only: Option<ObjectId>, all: bool) -> Result<usize, StoreError> {
+        let (wall, cpu) = (Instant::now(), thread_cpu());
+        let n = self.seal_inner(only, all)?;
+        if n > 0 {
+            tracing::debug!(
+                "sealed {n} transaction(s) in {:.2} ms ({:.2} ms CPU)",
+                wall.elapsed().as_secs_f64() * 1e3,
+                (thread_cpu() - cpu).as_secs_f64() * 1e3
+            );
+        }
+        Ok(n)
+    }
+
+    fn seal_inner(&self, only: Option<ObjectId>, all: bool) -> Result<usize, StoreError> {
         let mut items = self.load(only)?;
+        if !all {
+            self.keep_settled(&mut items)?;
+        }
         if let Some(o) = only {
             // An early seal only takes a live, announced object.
             if !items
@@ -380,14 +438,58 @@ impl Sealer<'_> {
                 .chain(file_deletes.iter().map(|it| it.object))
                 .chain(dd.iter().map(|(_, it)| it.object))
                 .collect();
+            let mut changed = self.capture.changed.lock();
             for o in sealed {
                 p.remove(&o);
+                changed.remove(&o);
             }
             if p.is_empty() {
                 self.capture.activity.lock().oldest_unsealed = None;
             }
         }
         Ok(n)
+    }
+
+    /// Drops items a periodic seal must not take yet: unsettled ones (except in-place edits
+    /// of announced files that stay where they were), and new items whose folder is new and
+    /// not sealed with them.
+    fn keep_settled(&self, items: &mut Vec<Item>) -> Result<(), StoreError> {
+        let mut keep = Vec::with_capacity(items.len());
+        for it in items.drain(..) {
+            let in_place_edit = match (&it.inode, &it.state) {
+                (Some(i), Some(st)) => self.object_of(i.parent)? == st.parent && i.name == st.name,
+                _ => false,
+            };
+            if in_place_edit || self.capture.settled(&it.object) {
+                keep.push(it);
+            }
+        }
+        // A new object needs its folder announced, or created in this same seal.
+        loop {
+            let kept: std::collections::HashSet<ObjectId> = keep.iter().map(|i| i.object).collect();
+            let before = keep.len();
+            let mut next = Vec::with_capacity(keep.len());
+            for it in keep {
+                let ok = match (&it.inode, &it.state) {
+                    (Some(i), None) => {
+                        let parent = self.object_of(i.parent)?;
+                        parent == ObjectId::ROOT
+                            || kept.contains(&parent)
+                            || self.store.object_state(&parent)?.is_some()
+                    }
+                    _ => true,
+                };
+                if ok {
+                    next.push(it);
+                }
+            }
+            keep = next;
+            if keep.len() == before {
+                break;
+            }
+        }
+        *items = keep;
+        Ok(())
     }
 
     fn depth(&self, mut ino: u64) -> Result<u32, StoreError> {
@@ -674,7 +776,7 @@ impl Sealer<'_> {
                 .then_some(f64::from(st.last_ratio_permille) / 1000.0),
         });
         let base_hash = st.hash;
-        if size > MAX_WHOLE && !(strategy == Strategy::Rsync && size <= 1 << 30) {
+        if size > MAX_WHOLE && !(strategy == Strategy::Rsync && size <= MAX_RSYNC) {
             // Too big to hold at once: send it as growing ranges, one chunk per op.
             return self.write_chunked(object, inode, &file, st, tx, b);
         }
@@ -814,9 +916,9 @@ impl Sealer<'_> {
             ));
             base_hash = new_hash;
         }
-        // A signature lets a later whole rewrite travel as an rsync delta; past 1 GiB it
-        // costs more to keep than it saves, and such files travel as ranges.
-        if size <= 1 << 30 {
+        // A signature lets a later whole rewrite travel as an rsync delta; past MAX_RSYNC
+        // such rewrites travel as ranges of their data instead.
+        if size <= MAX_RSYNC {
             let mut sig =
                 BlockSignature::calculate_with_block_size(&[], delta::block_size_for(size));
             sig.update_blocks(size, [(0, size)], |o, buf| read_exact(file, o, buf))
@@ -958,6 +1060,17 @@ fn data_extents(file: &std::fs::File, size: u64) -> Result<Vec<(u64, u64)>, Stor
         pos = end.max(data + 1);
     }
     Ok(out)
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn whole_or_ranges(content: Vec<u8>) -> Delta {

@@ -734,7 +734,14 @@ impl FsCore {
             store: &self.store,
             capture: &self.capture,
         };
-        match sealer.seal(None) {
+        let r = if force {
+            sealer.seal(None)
+        } else {
+            let r = sealer.seal_settled();
+            self.capture.rearm();
+            r
+        };
+        match r {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!("sealing pending changes failed: {e}");

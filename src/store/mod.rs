@@ -158,7 +158,18 @@ impl Store {
     /// There is no store in `db_dir`, or it cannot be read.
     pub fn open_read_only(db_dir: &Path, content_dir: &Path) -> Result<Arc<Store>> {
         let opts = Options::default();
-        let db = DB::open_cf_for_read_only(&opts, db_dir, ALL_CFS, false)?;
+        // The daemon may roll its WAL while we list and open the files: try again then.
+        let mut attempt = 0;
+        let db = loop {
+            match DB::open_cf_for_read_only(&opts, db_dir, ALL_CFS, false) {
+                Ok(db) => break db,
+                Err(e) if attempt < 20 && e.to_string().contains("No such file") => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let store = Store {
             db,
             content_dir: content_dir.to_path_buf(),
