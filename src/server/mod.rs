@@ -108,6 +108,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         h.graceful_shutdown(Some(Duration::from_secs(10)));
     });
     let scheme = if config.tls.is_some() {
@@ -118,6 +119,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     println!("deltadrive server listening on {scheme}://{addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, scheme, data = %config.data.display(), "listening");
+    // The socket is bound: connections queue from here on, so a unit `Type=notify` may
+    // start what depends on the server.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let svc = app.into_make_service();
     match &config.tls {
         Some((cert, key)) => {
