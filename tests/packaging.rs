@@ -624,39 +624,101 @@ fn server_notifies_systemd_when_listening_and_when_stopping() {
     assert!(status.success(), "server exited {status}");
 }
 
-#[test]
-fn foreground_mount_notifies_systemd_from_its_main_process() {
-    let notify = NotifySocket::new();
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let mp = dir.path().join("mp");
-    std::fs::create_dir_all(&mp).unwrap();
-    let mut child = Command::new(bin())
-        .arg("mount")
-        .arg(&mp)
-        .arg("--foreground")
-        .arg("--home")
-        .arg(&home)
+/// The command lines of the shipped user unit, `%h` and `%I` filled in and
+/// `/usr/bin/deltadrive` replaced by the binary under test: (ignore failure, argv).
+fn user_unit_commands(key: &str, home: &Path, instance: &str) -> Vec<(bool, Vec<String>)> {
+    let unit =
+        std::fs::read_to_string(Path::new(REPO).join("packaging/systemd/deltadrive@.service"))
+            .unwrap();
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|cmd| {
+            let (ignore, cmd) = match cmd.strip_prefix('-') {
+                Some(c) => (true, c),
+                None => (false, cmd),
+            };
+            let argv = cmd
+                .split_whitespace()
+                .map(|w| {
+                    w.replace("/usr/bin/deltadrive", bin())
+                        .replace("%h", &home.display().to_string())
+                        .replace("%I", instance)
+                })
+                .collect();
+            (ignore, argv)
+        })
+        .collect()
+}
+
+/// Runs `systemctl --user start deltadrive@Drive` the way systemd would: the ExecStartPre
+/// lines, then ExecStart with NOTIFY_SOCKET, waiting for READY=1.
+fn start_user_unit(home: &Path, notify: &NotifySocket) -> std::process::Child {
+    for (ignore, argv) in user_unit_commands("ExecStartPre", home, "Drive") {
+        let o = run(Command::new(&argv[0]).args(&argv[1..]).env("HOME", home));
+        if !ignore {
+            assert_ok(&argv.join(" "), &o);
+        }
+    }
+    let start = user_unit_commands("ExecStart", home, "Drive");
+    assert_eq!(start.len(), 1);
+    let argv = &start[0].1;
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("HOME", home)
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("DELTADRIVE_HOME")
         .env("NOTIFY_SOCKET", &notify.path)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let kill = scopeguard(child.id());
     notify.wait_for("READY=1", Duration::from_secs(60));
+    child
+}
+
+#[test]
+fn user_unit_commands_mount_notify_stop_and_recover_from_a_crash() {
+    let notify = NotifySocket::new();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("user");
+    std::fs::create_dir_all(&home).unwrap();
+    let mp = home.join("Drive");
+    let state = home.join(".local/share/deltadrive");
+
+    let mut child = start_user_unit(&home, &notify);
+    let mut kill = scopeguard(child.id());
     assert!(common::is_mounted(&mp), "READY=1 before the mount");
-    // The process systemd started is the daemon itself (NotifyAccess=main holds).
-    let pid_file = std::fs::read_to_string(home.join("mount.pid")).unwrap();
+    // The process systemd started is the daemon itself, so NotifyAccess=main holds.
+    let pid_file = std::fs::read_to_string(state.join("mount.pid")).unwrap();
     assert_eq!(
         pid_file.lines().next().unwrap().trim(),
         child.id().to_string()
     );
-    // The user unit's ExecStop.
-    let o = run(Command::new(bin()).arg("unmount").arg(&mp));
-    assert_ok("deltadrive unmount", &o);
-    let status = child.wait().unwrap();
+    std::fs::write(mp.join("note.txt"), b"kept\n").unwrap();
+
+    // A crash: Restart=on-failure runs the unit again over the dead mount.
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    drop(kill);
+    child = start_user_unit(&home, &notify);
+    kill = scopeguard(child.id());
+    assert_eq!(std::fs::read(mp.join("note.txt")).unwrap(), b"kept\n");
+
+    // systemctl --user stop: ExecStop, then the daemon exits by itself, successfully.
+    // Reaped at once as systemd would (`deltadrive unmount` waits for the pid to go away).
+    let waiter = std::thread::spawn(move || child.wait());
+    for (ignore, argv) in user_unit_commands("ExecStop", &home, "Drive") {
+        let o = run(Command::new(&argv[0]).args(&argv[1..]).env("HOME", &home));
+        if !ignore {
+            assert_ok(&argv.join(" "), &o);
+        }
+    }
+    let status = waiter.join().unwrap().unwrap();
     drop(kill);
     assert!(status.success(), "mount daemon exited {status}");
+    assert!(!common::is_mounted(&mp));
 }
 
 /// Kills a child on drop (a failed test must not leave a server or daemon running).
