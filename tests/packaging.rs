@@ -266,7 +266,7 @@ fn helper_lock() -> MutexGuard<'static, ()> {
 /// binary under test (the daemon may run as another user, who cannot enter a root-only
 /// build folder). Cleans up on drop and prints the mount log if the test failed.
 struct HelperMount {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     bin: PathBuf,
     home: PathBuf,
     mp: PathBuf,
@@ -290,7 +290,7 @@ impl HelperMount {
             }
         }
         HelperMount {
-            _dir: dir,
+            dir,
             bin: copy,
             home,
             mp,
@@ -299,15 +299,34 @@ impl HelperMount {
 
     /// `mount -v -t fuse.deltadrive deltadrive MP -o OPTIONS`; returns mount's stderr.
     fn mount(&self, options: &str) -> String {
-        let o = run(Command::new("mount")
-            .arg("-v")
-            .arg("-t")
-            .arg("fuse.deltadrive")
-            .arg("deltadrive")
-            .arg(&self.mp)
-            .arg("-o")
-            .arg(options)
-            .env("DELTADRIVE_BIN", &self.bin));
+        self.run_mount(
+            Command::new("mount")
+                .args(["-v", "-t", "fuse.deltadrive", "deltadrive"])
+                .arg(&self.mp)
+                .arg("-o")
+                .arg(options),
+        )
+    }
+
+    /// `mount -v MP` with this line in the fstab (`mount -T FILE`: /etc/fstab is left alone).
+    fn mount_by_fstab(&self, options: &str) -> String {
+        let fstab = self.dir.path().join("fstab");
+        let line = format!(
+            "# test fstab\ndeltadrive  {}  fuse.deltadrive  {options}  0  0\n",
+            self.mp.display()
+        );
+        std::fs::write(&fstab, line).unwrap();
+        self.run_mount(
+            Command::new("mount")
+                .arg("-v")
+                .arg("-T")
+                .arg(&fstab)
+                .arg(&self.mp),
+        )
+    }
+
+    fn run_mount(&self, cmd: &mut Command) -> String {
+        let o = run(cmd.env("DELTADRIVE_BIN", &self.bin));
         if !o.status.success() {
             self.dump_log();
         }
@@ -419,7 +438,12 @@ fn fstab_style_mount_through_the_helper_keeps_files_across_umount() {
     m.umount();
     assert!(!m.mp.join("hello.txt").exists());
 
-    m.mount(&format!("home={}", m.home.display()));
+    // The line of docs/install.md, in an fstab.
+    let said = m.mount_by_fstab(&format!(
+        "_netdev,nofail,x-systemd.automount,home={}",
+        m.home.display()
+    ));
+    assert!(said.contains("mount.fuse.deltadrive: running:"), "{said}");
     assert_eq!(
         std::fs::read(m.mp.join("hello.txt")).unwrap(),
         b"through fstab\n"
