@@ -15,3 +15,14 @@ grep -qx 'user_allow_other' /etc/fuse.conf 2>/dev/null || echo 'user_allow_other
 if ! command -v pjdfstest >/dev/null 2>&1 || ! pjdfstest --version 2>/dev/null | grep -q '0.2.2'; then
   cargo install pjdfstest --version 0.2.2 --locked --quiet
 fi
+# Packaging: systemd-analyze (unit checks), dpkg-dev (dpkg-shlibdeps for cargo-deb's
+# Depends), man-db (man pages and systemd-analyze's Documentation= check), shellcheck,
+# util-linux (mount, setpriv) and cargo-deb, which builds the .deb.
+apt-get install -y -qq --no-install-recommends \
+  systemd dpkg-dev man-db shellcheck util-linux mount xz-utils >/dev/null
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  cargo install cargo-deb --version 3.8.0 --locked --quiet
+fi
+# Users may open /dev/fuse (udev does this on a booted Debian; containers and VMs without
+# udev leave it root-only), so the mount helper can run a user's daemon as that user.
+if [ -c /dev/fuse ]; then chmod 0666 /dev/fuse; fi

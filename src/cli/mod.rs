@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 pub mod admin;
+pub mod docs;
 pub mod login;
 pub mod mount;
 pub mod server;
@@ -48,6 +49,12 @@ pub enum Command {
     History(HistoryArgs),
     /// Bring back an earlier version of a file
     Restore(RestoreArgs),
+    /// Write the man pages (deltadrive.1 and one per subcommand) into a folder
+    #[command(hide = true)]
+    Man(docs::ManArgs),
+    /// Print a shell completion script
+    #[command(hide = true)]
+    Completions(docs::CompletionsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -176,7 +183,9 @@ pub struct HistoryArgs {
     pub home: HomeArg,
 }
 
+// `--version V` is this command's own flag, so the program's `--version` is left off here.
 #[derive(Args, Debug)]
+#[command(disable_version_flag = true)]
 pub struct RestoreArgs {
     /// A path inside the mounted folder
     pub path: PathBuf,
@@ -196,6 +205,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(a) => server::server(a),
         Command::Admin(a) => admin::admin(a),
         Command::Login(a) => login::login(a),
+        Command::Man(a) => docs::man(a),
+        Command::Completions(a) => docs::completions(a),
         Command::Watch(_) => not_yet("watch", 6),
         Command::History(_) | Command::Restore(_) => not_yet("history/restore", 5),
     }

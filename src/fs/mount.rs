@@ -165,6 +165,9 @@ pub fn run(
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
 
+    // Signal handlers before READY=1: a stop right after the start unmounts cleanly instead
+    // of dying by SIGTERM's default action and leaving a dead mount.
+    let signals = StopSignals::install()?;
     write_pid_file(home, &mountpoint)?;
     tracing::info!(
         "mounted {} (home {})",
@@ -193,15 +196,12 @@ pub fn run(
             .spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(SEAL_TICK);
-                    let n = core.seal_if_due(false);
-                    if n > 0 {
-                        tracing::debug!("sealed {n} transaction(s) into the outbox");
-                    }
+                    core.seal_if_due(false);
                 }
             })?
     };
 
-    let signalled = wait_for_signal_or(done_rx)?;
+    let signalled = signals.wait_or(done_rx)?;
     if let Some(sig) = signalled {
         tracing::info!("received {sig}: unmounting {}", mountpoint.display());
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -250,24 +250,50 @@ pub fn lazy_unmount(mountpoint: &Path) {
     }
 }
 
-/// Blocks until SIGTERM/SIGINT/SIGHUP (returns its name) or until the session ends by
-/// itself (an external `umount`/`fusermount3 -u`; returns `None`).
-fn wait_for_signal_or(
-    done: tokio::sync::oneshot::Receiver<()>,
-) -> anyhow::Result<Option<&'static str>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
+/// SIGTERM, SIGINT and SIGHUP, caught from [`StopSignals::install`] on.
+struct StopSignals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        Ok(tokio::select! {
-            _ = term.recv() => Some("SIGTERM"),
-            _ = int.recv() => Some("SIGINT"),
-            _ = hup.recv() => Some("SIGHUP"),
-            _ = done => None,
-        })
-    })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (term, int, hup) = {
+            let _guard = rt.enter();
+            (
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
+            )
+        };
+        Ok(StopSignals { rt, term, int, hup })
+    }
+
+    /// Blocks until SIGTERM/SIGINT/SIGHUP (returns its name) or until the session ends by
+    /// itself (an external `umount`/`fusermount3 -u`; returns `None`).
+    fn wait_or(
+        self,
+        done: tokio::sync::oneshot::Receiver<()>,
+    ) -> anyhow::Result<Option<&'static str>> {
+        let StopSignals {
+            rt,
+            mut term,
+            mut int,
+            mut hup,
+        } = self;
+        Ok(rt.block_on(async move {
+            tokio::select! {
+                _ = term.recv() => Some("SIGTERM"),
+                _ = int.recv() => Some("SIGINT"),
+                _ = hup.recv() => Some("SIGHUP"),
+                _ = done => None,
+            }
+        }))
+    }
 }

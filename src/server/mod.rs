@@ -105,9 +105,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     let handle = axum_server::Handle::new();
     let h = handle.clone();
+    // Handlers are installed here, before READY=1: a stop right after the start is a clean
+    // shutdown, not the default action of SIGTERM.
+    let shutdown = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         h.graceful_shutdown(Some(Duration::from_secs(10)));
     });
     let scheme = if config.tls.is_some() {
@@ -118,6 +122,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     println!("deltadrive server listening on {scheme}://{addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, scheme, data = %config.data.display(), "listening");
+    // The socket is bound: connections queue from here on, so a unit `Type=notify` may
+    // start what depends on the server.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let svc = app.into_make_service();
     match &config.tls {
         Some((cert, key)) => {
@@ -140,20 +147,24 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now; the future completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    let streams = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+    );
+    async move {
+        match streams {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
