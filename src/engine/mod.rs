@@ -95,7 +95,7 @@ pub enum ContentSource {
 #[derive(Clone, Debug, PartialEq)]
 pub enum LocalChange {
     Put {
-        state: ObjectState,
+        state: Box<ObjectState>,
         content: ContentSource,
     },
     Remove(ObjectId),
@@ -826,7 +826,7 @@ fn diff(
                     continue;
                 }
                 out.push(LocalChange::Put {
-                    state: n.clone(),
+                    state: Box::new(n.clone()),
                     content: content_source(b, n, tx, server_before),
                 });
             }

@@ -14,7 +14,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::changelog::{Name, ObjectId, ObjectKind, Op, OpKind, Transaction};
+use crate::changelog::{
+    empty_hash, ContentHash, Name, ObjectId, ObjectKind, Op, OpKind, Transaction,
+};
 
 use super::names::{conflicted_copy_name, SeededRng};
 use super::tree::{is_content_op, ObjectState, Tree};
@@ -222,6 +224,7 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
     let mut merged: HashMap<ObjectId, ObjectId> = HashMap::new();
     let mut merged_files: HashSet<ObjectId> = HashSet::new();
     let mut late_conflicts: BTreeSet<ObjectId> = BTreeSet::new();
+    let mut chain: HashMap<ObjectId, ContentHash> = HashMap::new();
     let map = |merged: &HashMap<ObjectId, ObjectId>, id: ObjectId| *merged.get(&id).unwrap_or(&id);
     for tx in input.pending {
         let mut ops = Vec::new();
@@ -230,9 +233,34 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
             if resurrect_files.contains(&original) {
                 continue;
             }
+            // The content this op was made against, in the original order of the pending ops.
+            let made_on = *chain.entry(original).or_insert_with(|| {
+                prior
+                    .get(original)
+                    .map(|p| p.hash)
+                    .unwrap_or_else(empty_hash)
+            });
+            match &op.kind {
+                OpKind::Create { .. } => {
+                    chain.insert(original, empty_hash());
+                }
+                OpKind::Write { new_hash, .. } | OpKind::Truncate { new_hash, .. } => {
+                    chain.insert(original, *new_hash);
+                }
+                _ => {}
+            }
             if is_content_op(&op.kind)
-                && (content_conflict.contains(&original) || merged_files.contains(&original))
+                && (content_conflict.contains(&original)
+                    || merged_files.contains(&original)
+                    || late_conflicts.contains(&original))
             {
+                continue;
+            }
+            if matches!(op.kind, OpKind::Truncate { .. })
+                && w.get(original).map(|o| o.hash) != Some(made_on)
+            {
+                // A truncate carries no base hash: it only replays on the content it cut.
+                late_conflicts.insert(original);
                 continue;
             }
             let object = map(&merged, original);
@@ -323,9 +351,10 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                 }
                 OpKind::Delete => {
                     let Some(cur) = w.get(object) else { continue };
-                    // Edit beats delete.
-                    if let (Some(p), Some(n)) = (p, now) {
-                        if n.is_file() && (n.hash != p.hash) {
+                    // Edit beats delete: the remote changed the content the delete saw (or
+                    // made the object anew, as when two devices resurrect the same file).
+                    if let Some(n) = now {
+                        if n.is_file() && p.map(|p| p.hash != n.hash).unwrap_or(true) {
                             continue;
                         }
                     }
