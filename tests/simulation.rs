@@ -401,6 +401,9 @@ impl World {
                 restarts: 0,
             });
         }
+        for d in 0..devices {
+            w.set_online(d, true);
+        }
         w
     }
 
@@ -1291,4 +1294,471 @@ fn simulation_converges_and_loses_nothing() {
             std::panic::resume_unwind(e);
         }
     }
+}
+
+// ---------------------------------------------------------------- one test per SEMANTICS.md row
+
+/// Scripted user actions by path, for the table tests.
+impl World {
+    fn resolve(&self, d: usize, path: &str) -> ObjectId {
+        let mut at = ObjectId::ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let n = name(part);
+            at = *self.devices[d]
+                .store
+                .iter()
+                .find(|(id, o)| **id != ObjectId::ROOT && o.parent == at && o.name == n)
+                .unwrap_or_else(|| panic!("dev{d}: no {path}"))
+                .0;
+        }
+        at
+    }
+
+    fn split(&self, d: usize, path: &str) -> (ObjectId, Name) {
+        match path.rsplit_once('/') {
+            Some((dir, base)) => (self.resolve(d, dir), name(base)),
+            None => (ObjectId::ROOT, name(path)),
+        }
+    }
+
+    fn mkfile(&mut self, d: usize, path: &str, content: &str) {
+        let (parent, n) = self.split(d, path);
+        let ops = self.create_file_ops(parent, n, content.as_bytes().to_vec());
+        self.commit(d, ops);
+    }
+
+    fn mkdir(&mut self, d: usize, path: &str) {
+        let (parent, n) = self.split(d, path);
+        let id = self.new_id();
+        let op = Op {
+            object: id,
+            base_version: 0,
+            new_version: 1,
+            kind: OpKind::Create {
+                parent,
+                name: n,
+                kind: ObjectKind::Directory,
+                mode: 0o755,
+                mtime_ns: 0,
+            },
+        };
+        self.commit(d, vec![op]);
+    }
+
+    fn edit(&mut self, d: usize, path: &str, content: &str) {
+        let id = self.resolve(d, path);
+        let base = self.version(d, id);
+        let op = self.write_op(d, id, base, content.as_bytes().to_vec());
+        self.commit(d, vec![op]);
+    }
+
+    /// An editor's save: new content and a new mtime of the same object, in one transaction.
+    fn save(&mut self, d: usize, path: &str, content: &str) {
+        let id = self.resolve(d, path);
+        let base = self.version(d, id);
+        let write = self.write_op(d, id, base, content.as_bytes().to_vec());
+        let touch = Op {
+            object: id,
+            base_version: base + 1,
+            new_version: base + 2,
+            kind: OpKind::SetAttr {
+                mode: None,
+                mtime_ns: Some(self.now as i64),
+            },
+        };
+        self.commit(d, vec![write, touch]);
+    }
+
+    fn remove(&mut self, d: usize, path: &str) {
+        let id = self.resolve(d, path);
+        let mut order = Vec::new();
+        collect_post_order(&self.devices[d].store, id, &mut order);
+        let ops = order
+            .into_iter()
+            .map(|x| {
+                let v = self.version(d, x);
+                Op {
+                    object: x,
+                    base_version: v,
+                    new_version: v + 1,
+                    kind: OpKind::Delete,
+                }
+            })
+            .collect();
+        self.commit(d, ops);
+    }
+
+    fn rename(&mut self, d: usize, path: &str, to: &str) {
+        let id = self.resolve(d, path);
+        let (new_parent, new_name) = self.split(d, to);
+        let v = self.version(d, id);
+        let op = Op {
+            object: id,
+            base_version: v,
+            new_version: v + 1,
+            kind: OpKind::Rename {
+                new_parent,
+                new_name,
+            },
+        };
+        self.commit(d, vec![op]);
+    }
+
+    fn chmod(&mut self, d: usize, path: &str, mode: u32) {
+        let id = self.resolve(d, path);
+        let v = self.version(d, id);
+        let op = Op {
+            object: id,
+            base_version: v,
+            new_version: v + 1,
+            kind: OpKind::SetAttr {
+                mode: Some(mode),
+                mtime_ns: None,
+            },
+        };
+        self.commit(d, vec![op]);
+    }
+
+    fn setxattr(&mut self, d: usize, path: &str, key: &str, value: &str) {
+        let id = self.resolve(d, path);
+        let v = self.version(d, id);
+        let op = Op {
+            object: id,
+            base_version: v,
+            new_version: v + 1,
+            kind: OpKind::SetXattr {
+                name: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+            },
+        };
+        self.commit(d, vec![op]);
+    }
+
+    /// Runs the online devices until they are idle (offline ones keep their changes).
+    fn sync_online(&mut self) {
+        for round in 0..10_000 {
+            let settled = self.devices.iter().all(|dev| {
+                !dev.online
+                    || (dev.engine.is_idle()
+                        && dev.engine.cursor() == self.server.head()
+                        && dev
+                            .requests
+                            .iter()
+                            .all(|a| matches!(a, Action::LongPoll { .. })))
+            });
+            if settled {
+                return;
+            }
+            self.now += 10;
+            self.deliver(round % self.devices.len());
+            self.timeouts();
+        }
+        panic!("online devices do not settle");
+    }
+
+    /// The tree every device holds (checked equal on all of them), conflicted-copy times cut.
+    fn outcome(&mut self) -> Vec<String> {
+        self.quiesce();
+        self.check_converged();
+        self.check_nothing_lost();
+        listing(&self.devices[0].store)
+            .into_iter()
+            .map(|l| cut_copy_time(&l))
+            .collect()
+    }
+
+    fn attrs(&self, path: &str) -> (u32, BTreeMap<Vec<u8>, Vec<u8>>) {
+        let id = self.resolve(0, path);
+        let o = &self.devices[0].store[&id];
+        (o.mode, o.xattrs.clone())
+    }
+}
+
+/// `NAME (conflicted copy DEV YYYY-MM-DD HHMMSS).EXT` → `NAME (conflicted copy DEV).EXT`.
+fn cut_copy_time(line: &str) -> String {
+    let mut out = line.to_string();
+    while let Some(i) = out.find("(conflicted copy ") {
+        let rest = &out[i + "(conflicted copy ".len()..];
+        let Some(close) = rest.find(')') else { break };
+        let inner = &rest[..close];
+        let dev = inner.split(' ').next().unwrap_or("").to_string();
+        let replaced = format!("(conflicted-copy {dev})");
+        out = format!("{}{}{}", &out[..i], replaced, &rest[close + 1..]);
+    }
+    out.replace("(conflicted-copy ", "(conflicted copy ")
+}
+
+/// Three synced devices holding `setup`; then `first` runs on dev0 and reaches the server
+/// while dev1 is offline and runs `second`; then everyone syncs.
+fn row(
+    setup: impl FnOnce(&mut World),
+    first: impl FnOnce(&mut World),
+    second: impl FnOnce(&mut World),
+) -> World {
+    let mut w = World::new(7, 3);
+    setup(&mut w);
+    w.quiesce();
+    w.set_online(1, false);
+    first(&mut w);
+    w.sync_online();
+    second(&mut w);
+    w
+}
+
+fn lines(v: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+fn with_f(w: &mut World) {
+    w.mkfile(0, "f.txt", "v0");
+}
+
+#[test]
+fn row_edit_edit_keeps_the_second_as_a_conflicted_copy() {
+    let mut w = row(
+        with_f,
+        |w| w.edit(0, "f.txt", "a1"),
+        |w| w.edit(1, "f.txt", "b1"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&["f.txt = \"a1\"", "f (conflicted copy dev1).txt = \"b1\""])
+    );
+}
+
+#[test]
+fn row_edit_then_delete_keeps_the_edit() {
+    let mut w = row(
+        with_f,
+        |w| w.edit(0, "f.txt", "a1"),
+        |w| w.remove(1, "f.txt"),
+    );
+    assert_eq!(w.outcome(), lines(&["f.txt = \"a1\""]));
+}
+
+#[test]
+fn row_delete_then_edit_brings_the_file_back() {
+    let mut w = row(
+        with_f,
+        |w| w.remove(0, "f.txt"),
+        |w| w.edit(1, "f.txt", "b1"),
+    );
+    assert_eq!(w.outcome(), lines(&["f.txt = \"b1\""]));
+}
+
+#[test]
+fn row_delete_delete_is_gone() {
+    let mut w = row(with_f, |w| w.remove(0, "f.txt"), |w| w.remove(1, "f.txt"));
+    assert_eq!(w.outcome(), Vec::<String>::new());
+}
+
+#[test]
+fn row_rename_rename_first_wins() {
+    let mut w = row(
+        with_f,
+        |w| w.rename(0, "f.txt", "x.txt"),
+        |w| w.rename(1, "f.txt", "y.txt"),
+    );
+    assert_eq!(w.outcome(), lines(&["x.txt = \"v0\""]));
+}
+
+#[test]
+fn row_rename_and_edit_both_apply() {
+    let mut w = row(
+        with_f,
+        |w| w.rename(0, "f.txt", "x.txt"),
+        |w| w.edit(1, "f.txt", "b1"),
+    );
+    assert_eq!(w.outcome(), lines(&["x.txt = \"b1\""]));
+}
+
+#[test]
+fn row_create_create_same_path_renames_the_second() {
+    let mut w = row(
+        |_| {},
+        |w| w.mkfile(0, "p.txt", "a"),
+        |w| w.mkfile(1, "p.txt", "b"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&["p.txt = \"a\"", "p (conflicted copy dev1).txt = \"b\""])
+    );
+}
+
+#[test]
+fn row_create_create_equal_contents_merge() {
+    let mut w = row(
+        |_| {},
+        |w| w.mkfile(0, "p.txt", "same"),
+        |w| w.mkfile(1, "p.txt", "same"),
+    );
+    assert_eq!(w.outcome(), lines(&["p.txt = \"same\""]));
+}
+
+#[test]
+fn row_mkdir_mkdir_makes_one_folder_with_both_children() {
+    let mut w = row(
+        |_| {},
+        |w| {
+            w.mkdir(0, "D");
+            w.mkfile(0, "D/a.txt", "a");
+        },
+        |w| {
+            w.mkdir(1, "D");
+            w.mkfile(1, "D/b.txt", "b");
+        },
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&["D/", "D/a.txt = \"a\"", "D/b.txt = \"b\""])
+    );
+}
+
+fn with_folder(w: &mut World) {
+    w.mkdir(0, "D");
+    w.mkfile(0, "D/old.txt", "old");
+    w.mkfile(0, "D/keep.txt", "k0");
+    w.mkdir(0, "D/sub");
+    w.mkfile(0, "D/sub/deep.txt", "deep");
+}
+
+#[test]
+fn row_delete_folder_vs_create_inside_brings_back_only_the_creation() {
+    let mut w = row(
+        with_folder,
+        |w| w.remove(0, "D"),
+        |w| w.mkfile(1, "D/new.txt", "n"),
+    );
+    assert_eq!(w.outcome(), lines(&["D/", "D/new.txt = \"n\""]));
+}
+
+#[test]
+fn row_delete_folder_vs_edit_inside_brings_back_only_the_edit() {
+    let mut w = row(
+        with_folder,
+        |w| w.remove(0, "D"),
+        |w| w.edit(1, "D/sub/deep.txt", "deep2"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&["D/", "D/sub/", "D/sub/deep.txt = \"deep2\""])
+    );
+}
+
+#[test]
+fn row_move_a_into_b_vs_b_into_a_keeps_the_first() {
+    let mut w = row(
+        |w| {
+            w.mkdir(0, "A");
+            w.mkdir(0, "B");
+            w.mkfile(0, "A/a.txt", "a");
+            w.mkfile(0, "B/b.txt", "b");
+        },
+        |w| w.rename(0, "A", "B/A"),
+        |w| w.rename(1, "B", "A/B"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&["B/", "B/A/", "B/A/a.txt = \"a\"", "B/b.txt = \"b\""])
+    );
+}
+
+#[test]
+fn row_chmod_xattr_and_edit_both_apply() {
+    let mut w = row(
+        with_f,
+        |w| {
+            w.chmod(0, "f.txt", 0o600);
+            w.setxattr(0, "f.txt", "user.tag", "red");
+        },
+        |w| w.edit(1, "f.txt", "b1"),
+    );
+    assert_eq!(w.outcome(), lines(&["f.txt = \"b1\""]));
+    let (mode, xattrs) = w.attrs("f.txt");
+    assert_eq!(mode, 0o600);
+    assert_eq!(xattrs.get(b"user.tag".as_slice()), Some(&b"red".to_vec()));
+}
+
+#[test]
+fn row_chmod_chmod_and_xattr_xattr_first_wins_per_attribute() {
+    let mut w = row(
+        |w| {
+            with_f(w);
+            w.setxattr(0, "f.txt", "user.other", "0");
+        },
+        |w| {
+            w.chmod(0, "f.txt", 0o600);
+            w.setxattr(0, "f.txt", "user.tag", "first");
+        },
+        |w| {
+            w.chmod(1, "f.txt", 0o700);
+            w.setxattr(1, "f.txt", "user.tag", "second");
+            w.setxattr(1, "f.txt", "user.other", "second");
+        },
+    );
+    assert_eq!(w.outcome(), lines(&["f.txt = \"v0\""]));
+    let (mode, xattrs) = w.attrs("f.txt");
+    assert_eq!(mode, 0o600);
+    assert_eq!(xattrs.get(b"user.tag".as_slice()), Some(&b"first".to_vec()));
+    // An attribute the first device did not touch takes the second device's change.
+    assert_eq!(
+        xattrs.get(b"user.other".as_slice()),
+        Some(&b"second".to_vec())
+    );
+}
+
+#[test]
+fn row_twice_edited_before_sending_ends_with_the_last_version() {
+    let mut w = row(
+        with_f,
+        |_| {},
+        |w| {
+            w.edit(1, "f.txt", "b1");
+            w.edit(1, "f.txt", "b2");
+        },
+    );
+    assert_eq!(w.outcome(), lines(&["f.txt = \"b2\""]));
+}
+
+#[test]
+fn own_changes_and_editor_saves_never_make_conflicted_copies() {
+    let mut w = World::new(11, 3);
+    with_f(&mut w);
+    w.quiesce();
+    for i in 0..5 {
+        let d = i % 3;
+        w.save(d, "f.txt", &format!("save {i}"));
+        w.sync_online();
+    }
+    // Saves made while the device's own earlier save is still unsent.
+    w.save(2, "f.txt", "save 5");
+    w.save(2, "f.txt", "save 6");
+    assert_eq!(w.outcome(), lines(&["f.txt = \"save 6\""]));
+}
+
+#[test]
+fn restart_mid_sync_resumes_from_the_persisted_state() {
+    let mut w = World::new(13, 3);
+    with_folder(&mut w);
+    w.quiesce();
+    w.set_online(1, false);
+    w.edit(0, "D/keep.txt", "a1");
+    w.sync_online();
+    w.edit(1, "D/keep.txt", "b1");
+    w.restart(1);
+    w.set_online(1, true);
+    w.restart(0);
+    assert_eq!(
+        w.outcome(),
+        lines(&[
+            "D/",
+            "D/keep (conflicted copy dev1).txt = \"b1\"",
+            "D/keep.txt = \"a1\"",
+            "D/old.txt = \"old\"",
+            "D/sub/",
+            "D/sub/deep.txt = \"deep\"",
+        ])
+    );
 }
