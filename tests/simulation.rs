@@ -1309,15 +1309,35 @@ fn simulation_converges_and_loses_nothing() {
             (1..=n).collect()
         }
     };
-    for seed in seeds {
-        let result = std::panic::catch_unwind(|| run_seed(seed, ops));
-        if let Err(e) = result {
-            eprintln!(
-                "simulation failed with seed {seed}; replay with \
-                 DELTADRIVE_SIM_SEED={seed} DELTADRIVE_SIM_TRACE=1 cargo test --test simulation"
-            );
-            std::panic::resume_unwind(e);
-        }
+    // Seeds are independent: spread them over the cores, each thread in seed order.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(seeds.len().max(1));
+    let failed: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<u64> = seeds.iter().copied().skip(t).step_by(threads).collect();
+                scope.spawn(move || {
+                    for seed in mine {
+                        if std::panic::catch_unwind(|| run_seed(seed, ops)).is_err() {
+                            return Some(seed);
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    if let Some(seed) = failed.iter().min() {
+        panic!(
+            "simulation failed with seed {seed} (all failing: {failed:?}); replay with \
+             DELTADRIVE_SIM_SEED={seed} DELTADRIVE_SIM_TRACE=1 cargo test --test simulation simulation_"
+        );
     }
 }
 
