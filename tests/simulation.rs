@@ -1319,12 +1319,8 @@ fn simulation_converges_and_loses_nothing() {
             .map(|t| {
                 let mine: Vec<u64> = seeds.iter().copied().skip(t).step_by(threads).collect();
                 scope.spawn(move || {
-                    for seed in mine {
-                        if std::panic::catch_unwind(|| run_seed(seed, ops)).is_err() {
-                            return Some(seed);
-                        }
-                    }
-                    None
+                    mine.into_iter()
+                        .find(|seed| std::panic::catch_unwind(|| run_seed(*seed, ops)).is_err())
                 })
             })
             .collect();
