@@ -3,6 +3,7 @@
 //! One folder a concept (see `docs/architecture.md`):
 //! - [`changelog`]: the universal change-log format. Pure.
 //! - [`delta`]: delta strategies (dirty ranges, rsync, whole file) and their selection. Pure.
+//! - [`engine`]: the sync state machine: local and remote changes in, actions out. No I/O.
 //! - [`store`]: the device's RocksDB store behind a narrow facade.
 //! - [`fs`]: the fuser adapter over the store.
 //! - [`cli`]: the command-line contract; `main.rs` stays thin.
@@ -13,6 +14,7 @@ pub mod changelog;
 pub mod cli;
 pub mod client;
 pub mod delta;
+pub mod engine;
 pub mod fs;
 pub mod home;
 pub mod logging;
