@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -121,6 +121,46 @@ fn store_err(e: object_store::Error) -> BackendError {
         object_store::Error::NotFound { .. } => BackendError::NotFound,
         other => BackendError::Db(format!("object storage: {other}")),
     }
+}
+
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+// Statements are prepared once per connection (deadpool's statement cache), so each later use
+// is one round trip instead of two.
+async fn exec_c<C: GenericClient + Sync>(
+    c: &C,
+    sql: &str,
+    p: Params<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    let st = c.prepare_cached(sql).await?;
+    c.execute(&st, p).await
+}
+
+async fn query_c<C: GenericClient + Sync>(
+    c: &C,
+    sql: &str,
+    p: Params<'_>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let st = c.prepare_cached(sql).await?;
+    c.query(&st, p).await
+}
+
+async fn query_one_c<C: GenericClient + Sync>(
+    c: &C,
+    sql: &str,
+    p: Params<'_>,
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let st = c.prepare_cached(sql).await?;
+    c.query_one(&st, p).await
+}
+
+async fn query_opt_c<C: GenericClient + Sync>(
+    c: &C,
+    sql: &str,
+    p: Params<'_>,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    let st = c.prepare_cached(sql).await?;
+    c.query_opt(&st, p).await
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, BackendError> {
@@ -254,16 +294,16 @@ impl PostgresS3 {
         let lock_pool = build(32)?;
         let store = open_store(c)?;
         migrate(&pool, &c.schema).await?;
-        // Fail at start, not at the first append, when the bucket is unreachable.
-        match store.head(&ObjPath::from("deltadrive-probe")).await {
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => {
-                return Err(BackendError::Db(format!(
-                    "object storage {} unreachable: {e}",
-                    c.objects
-                )))
-            }
-        }
+        // Fail at start, not at the first append, when the bucket is unreachable or read-only.
+        store
+            .put(
+                &ObjPath::from("deltadrive-probe"),
+                PutPayload::from_static(b"deltadrive"),
+            )
+            .await
+            .map_err(|e| {
+                BackendError::Db(format!("object storage {} is not writable: {e}", c.objects))
+            })?;
         let channel = format!("deltadrive_heads_{}", c.schema);
         let (events, _) = broadcast::channel(4096);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -315,9 +355,13 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<(), BackendError> {
             .try_into()
             .unwrap_or([0; 4]),
     );
-    c.execute("SELECT pg_advisory_lock($1, $2)", &[&MIGRATION_LOCK, &key2])
-        .await
-        .map_err(pg)?;
+    exec_c(
+        &c,
+        "SELECT pg_advisory_lock($1, $2)",
+        &[&MIGRATION_LOCK, &key2],
+    )
+    .await
+    .map_err(pg)?;
     let result = async {
         c.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
@@ -326,8 +370,7 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<(), BackendError> {
         ))
         .await
         .map_err(pg)?;
-        let done: Vec<i32> = c
-            .query("SELECT version FROM schema_migrations", &[])
+        let done: Vec<i32> = query_c(&c, "SELECT version FROM schema_migrations", &[])
             .await
             .map_err(pg)?
             .iter()
@@ -339,7 +382,8 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<(), BackendError> {
             }
             let tx = c.transaction().await.map_err(pg)?;
             tx.batch_execute(sql).await.map_err(pg)?;
-            tx.execute(
+            exec_c(
+                &tx,
                 "INSERT INTO schema_migrations (version) VALUES ($1)",
                 &[version],
             )
@@ -351,12 +395,12 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<(), BackendError> {
         Ok::<(), BackendError>(())
     }
     .await;
-    match c
-        .execute(
-            "SELECT pg_advisory_unlock($1, $2)",
-            &[&MIGRATION_LOCK, &key2],
-        )
-        .await
+    match exec_c(
+        &c,
+        "SELECT pg_advisory_unlock($1, $2)",
+        &[&MIGRATION_LOCK, &key2],
+    )
+    .await
     {
         Ok(_) => {}
         // Never return a connection that may still hold the lock to the pool.
@@ -461,8 +505,7 @@ impl Drop for PgUserLock {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if conn
-                        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                    if exec_c(&conn, "SELECT pg_advisory_unlock($1)", &[&key])
                         .await
                         .is_err()
                     {
@@ -500,8 +543,7 @@ impl Inner {
 
     async fn head(&self, user: &str) -> Result<u64, BackendError> {
         let c = self.conn().await?;
-        let row = c
-            .query_opt("SELECT head FROM heads WHERE user_name = $1", &[&user])
+        let row = query_opt_c(&c, "SELECT head FROM heads WHERE user_name = $1", &[&user])
             .await
             .map_err(pg)?;
         row.map_or(Ok(0), |r| u64_of(r.get(0)))
@@ -537,14 +579,16 @@ impl Inner {
 
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        tx.execute(
+        exec_c(
+            &tx,
             "INSERT INTO heads (user_name, head) VALUES ($1, 0) ON CONFLICT DO NOTHING",
             &[&user],
         )
         .await
         .map_err(pg)?;
         let found = u64_of(
-            tx.query_one(
+            query_one_c(
+                &tx,
                 "SELECT head FROM heads WHERE user_name = $1 FOR UPDATE",
                 &[&user],
             )
@@ -558,20 +602,18 @@ impl Inner {
                 found,
             });
         }
-        let ins_log = tx
-            .prepare("INSERT INTO log (user_name, seq, object_key, size) VALUES ($1, $2, $3, $4)")
-            .await
-            .map_err(pg)?;
         for (seq, key, size) in &rows {
-            tx.execute(
-                &ins_log,
+            exec_c(
+                &tx,
+                "INSERT INTO log (user_name, seq, object_key, size) VALUES ($1, $2, $3, $4)",
                 &[&user, &i64_of(*seq)?, key, &i64_of(*size as u64)?],
             )
             .await
             .map_err(pg)?;
         }
         for id in &b.delete_objects {
-            tx.execute(
+            exec_c(
+                &tx,
                 "DELETE FROM objects WHERE user_name = $1 AND id = $2",
                 &[&user, &id.as_slice()],
             )
@@ -579,7 +621,8 @@ impl Inner {
             .map_err(pg)?;
         }
         for o in &b.put_objects {
-            tx.execute(
+            exec_c(
+                &tx,
                 "INSERT INTO objects (user_name, id, record) VALUES ($1, $2, $3)
                  ON CONFLICT (user_name, id) DO UPDATE SET record = EXCLUDED.record",
                 &[&user, &o.id.as_slice(), &to_json(o)?],
@@ -588,7 +631,8 @@ impl Inner {
             .map_err(pg)?;
         }
         for (parent, name) in &b.delete_children {
-            tx.execute(
+            exec_c(
+                &tx,
                 "DELETE FROM children WHERE user_name = $1 AND parent = $2 AND name = $3",
                 &[&user, &parent.as_slice(), name],
             )
@@ -596,7 +640,8 @@ impl Inner {
             .map_err(pg)?;
         }
         for (parent, name, child) in &b.put_children {
-            tx.execute(
+            exec_c(
+                &tx,
                 "INSERT INTO children (user_name, parent, name, child) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (user_name, parent, name) DO UPDATE SET child = EXCLUDED.child",
                 &[&user, &parent.as_slice(), name, &child.as_slice()],
@@ -606,7 +651,8 @@ impl Inner {
         }
         let mut touched: Vec<[u8; 16]> = Vec::new();
         for (id, h) in &b.history {
-            tx.execute(
+            exec_c(
+                &tx,
                 "INSERT INTO history (user_name, id, version, record) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (user_name, id, version) DO UPDATE SET record = EXCLUDED.record",
                 &[&user, &id.as_slice(), &i64_of(h.version)?, &to_json(h)?],
@@ -619,7 +665,8 @@ impl Inner {
         }
         let keep = i64_of(b.history_keep.max(1) as u64)?;
         for id in &touched {
-            tx.execute(
+            exec_c(
+                &tx,
                 "DELETE FROM history WHERE user_name = $1 AND id = $2 AND version < (
                      SELECT min(version) FROM (
                          SELECT version FROM history WHERE user_name = $1 AND id = $2
@@ -629,14 +676,16 @@ impl Inner {
             .await
             .map_err(pg)?;
         }
-        tx.execute(
+        exec_c(
+            &tx,
             "UPDATE heads SET head = $2 WHERE user_name = $1",
             &[&user, &i64_of(last)?],
         )
         .await
         .map_err(pg)?;
         let (k, rec) = &b.idempotency;
-        tx.execute(
+        exec_c(
+            &tx,
             "INSERT INTO idempotency (user_name, key, record) VALUES ($1, $2, $3)
              ON CONFLICT (user_name, key) DO UPDATE SET record = EXCLUDED.record",
             &[&user, k, &to_json(rec)?],
@@ -644,7 +693,8 @@ impl Inner {
         .await
         .map_err(pg)?;
         // Delivered to every listening replica when (and only if) the transaction commits.
-        tx.execute(
+        exec_c(
+            &tx,
             "SELECT pg_notify($1, $2)",
             &[&self.channel, &format!("{last} {user}")],
         )
@@ -662,14 +712,14 @@ impl Inner {
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, BackendError> {
         let c = self.conn().await?;
-        let rows = c
-            .query(
-                "SELECT seq, object_key, size FROM log WHERE user_name = $1 AND seq > $2
+        let rows = query_c(
+            &c,
+            "SELECT seq, object_key, size FROM log WHERE user_name = $1 AND seq > $2
                  ORDER BY seq LIMIT $3",
-                &[&user, &i64_of(after)?, &i64_of(limit as u64)?],
-            )
-            .await
-            .map_err(pg)?;
+            &[&user, &i64_of(after)?, &i64_of(limit as u64)?],
+        )
+        .await
+        .map_err(pg)?;
         drop(c);
         let mut wanted = Vec::new();
         let mut bytes = 0usize;
@@ -708,8 +758,7 @@ impl Inner {
     async fn delete_user(&self, name: &str) -> Result<(), BackendError> {
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        let n = tx
-            .execute("DELETE FROM users WHERE name = $1", &[&name])
+        let n = exec_c(&tx, "DELETE FROM users WHERE name = $1", &[&name])
             .await
             .map_err(pg)?;
         if n == 0 {
@@ -725,7 +774,8 @@ impl Inner {
             "history",
             "idempotency",
         ] {
-            tx.execute(
+            exec_c(
+                &tx,
                 &format!("DELETE FROM {table} WHERE user_name = $1"),
                 &[&name],
             )
@@ -756,19 +806,22 @@ impl Backend for PostgresS3 {
     fn admin_token_hash(&self) -> BoxFut<'_, Option<String>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            Ok(
-                c.query_opt("SELECT value FROM meta WHERE key = 'admin_token_hash'", &[])
-                    .await
-                    .map_err(pg)?
-                    .map(|r| r.get(0)),
+            Ok(query_opt_c(
+                &c,
+                "SELECT value FROM meta WHERE key = 'admin_token_hash'",
+                &[],
             )
+            .await
+            .map_err(pg)?
+            .map(|r| r.get(0)))
         })
     }
 
     fn set_admin_token_hash(&self, hash: String) -> BoxFut<'_, ()> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.execute(
+            exec_c(
+                &c,
                 "INSERT INTO meta (key, value) VALUES ('admin_token_hash', $1)
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 &[&hash],
@@ -782,13 +835,13 @@ impl Backend for PostgresS3 {
     fn create_user(&self, user: UserRecord) -> BoxFut<'_, ()> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            let n = c
-                .execute(
-                    "INSERT INTO users (name, record) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    &[&user.name, &to_json(&user)?],
-                )
-                .await
-                .map_err(pg)?;
+            let n = exec_c(
+                &c,
+                "INSERT INTO users (name, record) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&user.name, &to_json(&user)?],
+            )
+            .await
+            .map_err(pg)?;
             if n == 0 {
                 return Err(BackendError::AlreadyExists);
             }
@@ -799,7 +852,7 @@ impl Backend for PostgresS3 {
     fn get_user(&self, name: String) -> BoxFut<'_, Option<UserRecord>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query_opt("SELECT record FROM users WHERE name = $1", &[&name])
+            query_opt_c(&c, "SELECT record FROM users WHERE name = $1", &[&name])
                 .await
                 .map_err(pg)?
                 .map(|r| from_json(r.get(0)))
@@ -810,12 +863,16 @@ impl Backend for PostgresS3 {
     fn list_users(&self) -> BoxFut<'_, Vec<UserRecord>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query("SELECT record FROM users ORDER BY name COLLATE \"C\"", &[])
-                .await
-                .map_err(pg)?
-                .iter()
-                .map(|r| from_json(r.get(0)))
-                .collect()
+            query_c(
+                &c,
+                "SELECT record FROM users ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| from_json(r.get(0)))
+            .collect()
         })
     }
 
@@ -828,7 +885,7 @@ impl Backend for PostgresS3 {
             let mut c = i.conn().await?;
             let tx = c.transaction().await.map_err(pg)?;
             if let Some(old) = old_token_hash {
-                tx.execute("DELETE FROM tokens WHERE hash = $1", &[&old])
+                exec_c(&tx, "DELETE FROM tokens WHERE hash = $1", &[&old])
                     .await
                     .map_err(pg)?;
             }
@@ -838,7 +895,8 @@ impl Backend for PostgresS3 {
                     device: device.name.clone(),
                     device_id: device.id.clone(),
                 };
-                tx.execute(
+                exec_c(
+                    &tx,
                     "INSERT INTO tokens (hash, user_name, record) VALUES ($1, $2, $3)
                      ON CONFLICT (hash) DO UPDATE SET user_name = EXCLUDED.user_name,
                          record = EXCLUDED.record",
@@ -847,7 +905,8 @@ impl Backend for PostgresS3 {
                 .await
                 .map_err(pg)?;
             }
-            tx.execute(
+            exec_c(
+                &tx,
                 "INSERT INTO devices (user_name, name, record) VALUES ($1, $2, $3)
                  ON CONFLICT (user_name, name) DO UPDATE SET record = EXCLUDED.record",
                 &[&device.user, &device.name, &to_json(&device)?],
@@ -861,7 +920,8 @@ impl Backend for PostgresS3 {
     fn get_device(&self, user: String, device: String) -> BoxFut<'_, Option<DeviceRecord>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query_opt(
+            query_opt_c(
+                &c,
                 "SELECT record FROM devices WHERE user_name = $1 AND name = $2",
                 &[&user, &device],
             )
@@ -875,7 +935,8 @@ impl Backend for PostgresS3 {
     fn list_devices(&self, user: String) -> BoxFut<'_, Vec<DeviceRecord>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query(
+            query_c(
+                &c,
                 "SELECT record FROM devices WHERE user_name = $1 ORDER BY name COLLATE \"C\"",
                 &[&user],
             )
@@ -890,7 +951,7 @@ impl Backend for PostgresS3 {
     fn lookup_token(&self, hash: String) -> BoxFut<'_, Option<TokenRecord>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query_opt("SELECT record FROM tokens WHERE hash = $1", &[&hash])
+            query_opt_c(&c, "SELECT record FROM tokens WHERE hash = $1", &[&hash])
                 .await
                 .map_err(pg)?
                 .map(|r| from_json(r.get(0)))
@@ -910,7 +971,7 @@ impl Backend for PostgresS3 {
             let key = i.lock_key(&user);
             let mut pending = Pending(Some(i.lock_pool.get().await.map_err(pool_err)?));
             if let Some(c) = &pending.0 {
-                c.execute("SELECT pg_advisory_lock($1)", &[&key])
+                exec_c(c, "SELECT pg_advisory_lock($1)", &[&key])
                     .await
                     .map_err(pg)?;
             }
@@ -929,7 +990,8 @@ impl Backend for PostgresS3 {
     fn idempotency(&self, user: String, key: String) -> BoxFut<'_, Option<AppendRecord>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query_opt(
+            query_opt_c(
+                &c,
                 "SELECT record FROM idempotency WHERE user_name = $1 AND key = $2",
                 &[&user, &key],
             )
@@ -943,7 +1005,8 @@ impl Backend for PostgresS3 {
     fn get_object(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Option<ObjectState>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query_opt(
+            query_opt_c(
+                &c,
                 "SELECT record FROM objects WHERE user_name = $1 AND id = $2",
                 &[&user, &id.as_slice()],
             )
@@ -957,7 +1020,8 @@ impl Backend for PostgresS3 {
     fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, DirEntries> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query(
+            query_c(
+                &c,
                 "SELECT name, child FROM children WHERE user_name = $1 AND parent = $2
                  ORDER BY name",
                 &[&user, &dir.as_slice()],
@@ -999,24 +1063,24 @@ impl Backend for PostgresS3 {
                 .start()
                 .await
                 .map_err(pg)?;
-            let head = match tx
-                .query_opt("SELECT head FROM heads WHERE user_name = $1", &[&user])
-                .await
-                .map_err(pg)?
-            {
-                Some(r) => u64_of(r.get(0))?,
-                None => 0,
-            };
-            let objects = tx
-                .query(
-                    "SELECT record FROM objects WHERE user_name = $1 ORDER BY id",
-                    &[&user],
-                )
-                .await
-                .map_err(pg)?
-                .iter()
-                .map(|r| from_json(r.get(0)))
-                .collect::<Result<Vec<ObjectState>, _>>()?;
+            let head =
+                match query_opt_c(&tx, "SELECT head FROM heads WHERE user_name = $1", &[&user])
+                    .await
+                    .map_err(pg)?
+                {
+                    Some(r) => u64_of(r.get(0))?,
+                    None => 0,
+                };
+            let objects = query_c(
+                &tx,
+                "SELECT record FROM objects WHERE user_name = $1 ORDER BY id",
+                &[&user],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| from_json(r.get(0)))
+            .collect::<Result<Vec<ObjectState>, _>>()?;
             tx.commit().await.map_err(pg)?;
             Ok((head, objects))
         })
@@ -1025,7 +1089,8 @@ impl Backend for PostgresS3 {
     fn history(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Vec<HistoryEntry>> {
         self.run(move |i| async move {
             let c = i.conn().await?;
-            c.query(
+            query_c(
+                &c,
                 "SELECT record FROM history WHERE user_name = $1 AND id = $2 ORDER BY version",
                 &[&user, &id.as_slice()],
             )
@@ -1122,8 +1187,7 @@ mod tests {
         );
         let (a, _b, _c) = (a.expect("a"), b.expect("b"), c.expect("c"));
         let conn = a.inner.conn().await.expect("conn");
-        let n: i64 = conn
-            .query_one("SELECT count(*) FROM schema_migrations", &[])
+        let n: i64 = query_one_c(&conn, "SELECT count(*) FROM schema_migrations", &[])
             .await
             .expect("count")
             .get(0);
