@@ -307,8 +307,11 @@ impl PostgresS3 {
         let channel = format!("deltadrive_heads_{}", c.schema);
         let (events, _) = broadcast::channel(4096);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        // The LISTEN session is named after the schema, so operators (and tests) can find it.
+        let mut listen_cfg = cfg.clone();
+        listen_cfg.application_name(&format!("deltadrive-listen-{}", c.schema));
         let listener = tokio::spawn(listen_loop(
-            cfg.clone(),
+            listen_cfg,
             channel.clone(),
             events.clone(),
             ready_tx,
@@ -1192,6 +1195,71 @@ mod tests {
             .expect("count")
             .get(0);
         assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_listener_reconnects_resyncs_and_hears_other_replicas_again() {
+        let schema = fresh_schema();
+        let Some(cfg) = test_config(&schema) else {
+            eprintln!("skipped: no PostgreSQL/S3 in the environment (tests/scaleout-env.sh)");
+            return;
+        };
+        let a = PostgresS3::open(&cfg).await.expect("a");
+        let b = PostgresS3::open(&cfg).await.expect("b");
+        let mut events = a.head_events();
+        let conn = b.inner.conn().await.expect("conn");
+        let killed: i64 = query_one_c(
+            &conn,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1",
+            &[&format!("deltadrive-listen-{schema}")],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+        assert_eq!(killed, 2, "both replicas' LISTEN sessions");
+        async fn next(events: &mut broadcast::Receiver<HeadEvent>) -> HeadEvent {
+            tokio::time::timeout(Duration::from_secs(15), events.recv())
+                .await
+                .expect("an event in time")
+                .expect("event")
+        }
+        assert_eq!(
+            next(&mut events).await,
+            HeadEvent::Resync,
+            "resync after reconnect"
+        );
+        // Give b's listener time to come back too, then commit through b only.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let batch = CommitBatch {
+            expected_head: 0,
+            entries: vec![(1, b"payload".to_vec())],
+            history_keep: 1,
+            idempotency: (
+                "k".into(),
+                AppendRecord {
+                    first_seq: 1,
+                    last_seq: 1,
+                    body_hash: [0; 32],
+                },
+            ),
+            ..CommitBatch::default()
+        };
+        b.commit("u".into(), batch).await.expect("commit on b");
+        loop {
+            match next(&mut events).await {
+                HeadEvent::Moved { user, head } if user == "u" => {
+                    assert_eq!(head, 1);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            a.read_log("u".into(), 0, 10, 1 << 20).await.expect("read"),
+            vec![(1, b"payload".to_vec())],
+            "a reads b's payload from object storage"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
