@@ -309,7 +309,7 @@ impl PostgresS3 {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         // The LISTEN session is named after the schema, so operators (and tests) can find it.
         let mut listen_cfg = cfg.clone();
-        listen_cfg.application_name(&format!("deltadrive-listen-{}", c.schema));
+        listen_cfg.application_name(format!("deltadrive-listen-{}", c.schema));
         let listener = tokio::spawn(listen_loop(
             listen_cfg,
             channel.clone(),
