@@ -3,9 +3,11 @@
 //! append's acknowledgement to each other device of that user waking).
 //!
 //! ```text
-//! cargo bench --bench server_load -- [--users 10] [--devices 10] [--duration-secs 10] [--server URL --admin-token-file F]
+//! cargo bench --bench server_load -- [--users 10] [--devices 10] [--duration-secs 10] [--server URL[,URL...] --admin-token-file F]
 //! ```
 //! Without `--server` it starts the built binary (`target/*/deltadrive`) on a temporary folder.
+//! With several URLs (replicas sharing one backend) device `d` of every user talks to URL
+//! `d mod n`, so a user's devices are spread over the replicas and wake-ups cross them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,7 +30,7 @@ struct Args {
     users: usize,
     devices: usize,
     duration: Duration,
-    server: Option<String>,
+    server: Option<Vec<String>>,
     admin_token_file: Option<PathBuf>,
 }
 
@@ -50,7 +52,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--users" => a.users = val()?.parse()?,
             "--devices" => a.devices = val()?.parse()?,
             "--duration-secs" => a.duration = Duration::from_secs_f64(val()?.parse()?),
-            "--server" => a.server = Some(val()?),
+            "--server" => {
+                a.server = Some(val()?.split(',').map(|u| u.trim().to_string()).collect())
+            }
             "--admin-token-file" => a.admin_token_file = Some(PathBuf::from(val()?)),
             "--bench" => {}
             other => anyhow::bail!("unknown argument {other}"),
@@ -138,7 +142,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => {
             let (g, u, t) = spawn_server()?;
-            (Some(g), u, t)
+            (Some(g), vec![u], t)
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -147,9 +151,14 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(args, url, admin_token))
 }
 
-async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()> {
-    let admin = Client::new(&url, Some(admin_token), None)?;
-    let anon = Client::new(&url, None, None)?;
+async fn run(args: Args, urls: Vec<String>, admin_token: String) -> anyhow::Result<()> {
+    anyhow::ensure!(!urls.is_empty(), "no server URL");
+    let admin = Client::new(&urls[0], Some(admin_token), None)?;
+    let anons = urls
+        .iter()
+        .map(|u| Client::new(u, None, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    let url = urls.join(",");
     let run_id = hex::encode(rand::random::<[u8; 3]>());
     let mut users = Vec::new();
     for u in 0..args.users {
@@ -157,6 +166,7 @@ async fn run(args: Args, url: String, admin_token: String) -> anyhow::Result<()>
         admin.add_user(&name, "load-password").await?;
         let mut devs = Vec::new();
         for d in 0..args.devices {
+            let anon = &anons[d % anons.len()];
             let l = anon.login(&name, "load-password", &format!("d{d}")).await?;
             devs.push(anon.with_token(l.token));
         }

@@ -6,12 +6,17 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   fuse3 libfuse3-dev clang libclang-dev pkg-config build-essential ca-certificates \
-  rsync fio sqlite3 attr procps >/dev/null
+  rsync fio sqlite3 attr procps postgresql >/dev/null
+# (postgresql: tests/scaleout-env.sh runs a throwaway cluster from its binaries.)
 # The POSIX suite switches to these users and groups.
 getent group tests >/dev/null || groupadd tests
 id -u tests >/dev/null 2>&1 || useradd -g tests -M -s /usr/sbin/nologin tests
 # Let mounts of non-root users be shared with other users if asked (allow_other).
 grep -qx 'user_allow_other' /etc/fuse.conf 2>/dev/null || echo 'user_allow_other' >> /etc/fuse.conf
+# A real S3 server for the scale-out backend's tests (tests/scaleout-env.sh).
+if ! command -v s3s-fs >/dev/null 2>&1 || ! s3s-fs --version 2>/dev/null | grep -q '0.14.1'; then
+  cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
+fi
 if ! command -v pjdfstest >/dev/null 2>&1 || ! pjdfstest --version 2>/dev/null | grep -q '0.2.2'; then
   cargo install pjdfstest --version 0.2.2 --locked --quiet
 fi

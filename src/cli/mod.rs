@@ -63,8 +63,38 @@ pub struct ServerArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Folder of the embedded backend (RocksDB and content); created if missing
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["metadata", "objects"])]
     pub data: Option<PathBuf>,
+    /// Scale-out backend: PostgreSQL URL for the metadata (postgres://USER@HOST:PORT/DB)
+    #[arg(long, value_name = "URL", requires = "objects")]
+    pub metadata: Option<String>,
+    /// Scale-out backend: the schema holding the tables (created if missing)
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "public",
+        requires = "metadata"
+    )]
+    pub metadata_schema: String,
+    /// Scale-out backend: object storage for log payloads and chunks, s3://BUCKET[/PREFIX]
+    #[arg(long, value_name = "URL", requires = "metadata")]
+    pub objects: Option<String>,
+    /// S3-compatible endpoint [default: AWS_ENDPOINT_URL, else AWS]; http:// allows plain HTTP
+    #[arg(long, value_name = "URL", requires = "objects")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: AWS_REGION, else us-east-1]
+    #[arg(long, value_name = "R", requires = "objects")]
+    pub s3_region: Option<String>,
+    /// S3 access key id [default: AWS_ACCESS_KEY_ID]
+    #[arg(long, value_name = "ID", requires = "objects")]
+    pub s3_access_key_id: Option<String>,
+    /// File holding the S3 secret access key [default: AWS_SECRET_ACCESS_KEY]
+    #[arg(long, value_name = "F", requires = "objects")]
+    pub s3_secret_access_key_file: Option<PathBuf>,
+    /// Where the admin token is written at first start (0600) [default: DIR/admin.token];
+    /// required for the first start of the scale-out backend
+    #[arg(long, value_name = "F")]
+    pub admin_token_file: Option<PathBuf>,
     /// TLS certificate chain (PEM); serve HTTPS when given with --tls-key
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

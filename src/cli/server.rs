@@ -6,17 +6,42 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::ServerArgs;
+use crate::server::backend::postgres_s3::PostgresS3Config;
 use crate::server::storage::StorageConfig;
-use crate::server::ServerConfig;
+use crate::server::{BackendConfig, ServerConfig};
 
 /// Runs the server until SIGTERM/SIGINT.
 pub fn server(args: ServerArgs) -> anyhow::Result<()> {
-    let data = args
-        .data
-        .context("--data DIR is required (the embedded backend keeps everything there)")?;
+    let backend = match (args.data, args.metadata, args.objects) {
+        (Some(data), None, None) => BackendConfig::Embedded { data },
+        (None, Some(metadata), Some(objects)) => {
+            let secret = match &args.s3_secret_access_key_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            BackendConfig::PostgresS3(PostgresS3Config {
+                metadata,
+                schema: args.metadata_schema,
+                objects,
+                s3_endpoint: args.s3_endpoint,
+                s3_region: args.s3_region,
+                s3_access_key_id: args.s3_access_key_id,
+                s3_secret_access_key: secret,
+            })
+        }
+        _ => anyhow::bail!(
+            "give either --data DIR (embedded backend) or --metadata URL with --objects              s3://BUCKET (scale-out backend)"
+        ),
+    };
     let config = ServerConfig {
         listen: args.listen,
-        data,
+        backend,
+        admin_token_file: args.admin_token_file,
         tls: args.tls_cert.zip(args.tls_key),
         max_request_bytes: args.max_request_bytes,
         storage: StorageConfig {

@@ -1,7 +1,8 @@
 //! `deltadrive server`: the storage and management server (axum over HTTP or HTTPS).
 //!
-//! Owns the process: opens the backend, writes `DATA/admin.token` (0600) at first start, serves
-//! the API (`api`), and shuts down gracefully on SIGTERM/SIGINT. What always holds: the API layer
+//! Owns the process: opens the backend (embedded RocksDB under `--data DIR`, or PostgreSQL + S3
+//! with `--metadata`/`--objects`), writes the admin token file (0600) at first start, serves the
+//! API (`api`), and shuts down gracefully on SIGTERM/SIGINT. What always holds: the API layer
 //! reaches storage only through [`backend::Backend`] and the [`storage::Storage`] service, so a
 //! second backend needs no change above the trait.
 
@@ -24,11 +25,23 @@ use backend::Backend;
 use metrics::Metrics;
 use storage::{Storage, StorageConfig};
 
+/// Where the server keeps its state.
+#[derive(Clone, Debug)]
+pub enum BackendConfig {
+    /// RocksDB and a content folder under this folder.
+    Embedded { data: PathBuf },
+    /// PostgreSQL for metadata, S3-compatible object storage for payloads and chunks.
+    PostgresS3(backend::postgres_s3::PostgresS3Config),
+}
+
 /// Everything the server is started with.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: String,
-    pub data: PathBuf,
+    pub backend: BackendConfig,
+    /// Where the admin token is written at first start (default for the embedded backend:
+    /// `DATA/admin.token`; required for the scale-out backend).
+    pub admin_token_file: Option<PathBuf>,
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The largest request body accepted (413 beyond).
     pub max_request_bytes: usize,
@@ -59,9 +72,17 @@ async fn ensure_admin_token(backend: &dyn Backend, config: &ServerConfig) -> any
         return Ok(());
     }
     use std::os::unix::fs::OpenOptionsExt;
+    let path = match (&config.admin_token_file, &config.backend) {
+        (Some(p), _) => p.clone(),
+        (None, BackendConfig::Embedded { data }) => data.join("admin.token"),
+        (None, BackendConfig::PostgresS3(_)) => anyhow::bail!(
+            "the database holds no admin token yet: give --admin-token-file F for the first start"
+        ),
+    };
     let token = auth::new_token();
-    let path = config.data.join("admin.token");
-    let tmp = config.data.join("admin.token.tmp");
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -75,6 +96,14 @@ async fn ensure_admin_token(backend: &dyn Backend, config: &ServerConfig) -> any
     backend
         .set_admin_token_hash(auth::hash_token(&token))
         .await?;
+    // Two replicas starting at once on an empty database: the last hash written wins, and only
+    // the file of that token is valid.
+    if backend.admin_token_hash().await?.as_deref() != Some(auth::hash_token(&token).as_str()) {
+        anyhow::bail!(
+            "another replica set the admin token at the same time; {} is not valid: start again",
+            path.display()
+        );
+    }
     tracing::info!(path = %path.display(), "wrote the admin token");
     Ok(())
 }
@@ -85,12 +114,21 @@ async fn ensure_admin_token(backend: &dyn Backend, config: &ServerConfig) -> any
 /// The data folder or backend cannot be opened, the address cannot be bound, TLS files are bad.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     install_crypto_provider();
-    std::fs::create_dir_all(&config.data)
-        .with_context(|| format!("cannot create {}", config.data.display()))?;
-    let backend: Arc<dyn Backend> = Arc::new(
-        backend::embedded::Embedded::open(&config.data)
-            .with_context(|| format!("cannot open the backend in {}", config.data.display()))?,
-    );
+    let backend: Arc<dyn Backend> = match &config.backend {
+        BackendConfig::Embedded { data } => {
+            std::fs::create_dir_all(data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            Arc::new(
+                backend::embedded::Embedded::open(data)
+                    .with_context(|| format!("cannot open the backend in {}", data.display()))?,
+            )
+        }
+        BackendConfig::PostgresS3(c) => Arc::new(
+            backend::postgres_s3::PostgresS3::open(c)
+                .await
+                .context("cannot open the PostgreSQL + S3 backend")?,
+        ),
+    };
     ensure_admin_token(backend.as_ref(), &config).await?;
     let state = AppState {
         storage: Arc::new(Storage::new(backend.clone(), config.storage.clone())),
@@ -121,7 +159,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     println!("deltadrive server listening on {scheme}://{addr}");
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, scheme, data = %config.data.display(), "listening");
+    let where_ = match &config.backend {
+        BackendConfig::Embedded { data } => data.display().to_string(),
+        BackendConfig::PostgresS3(c) => format!("postgres schema {} + {}", c.schema, c.objects),
+    };
+    tracing::info!(%addr, scheme, backend = %where_, "listening");
     // The socket is bound: connections queue from here on, so a unit `Type=notify` may
     // start what depends on the server.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -6,7 +6,8 @@
 //! transaction applied cleanly to the state before it, and a refused append changes nothing.
 //! Rules enforced here (not in the backend): base versions, parent exists and is a folder, names
 //! free, no folder cycles, only empty folders deleted, writes only to files, delta base hashes,
-//! content size cap. Wake-ups of long polls go through a per-user `watch` channel.
+//! content size cap. Wake-ups of long polls go through a per-user `watch` channel, fed by this
+//! process's appends and by the backend's head events (appends made through other replicas).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use crate::changelog::{
 };
 
 use super::backend::{
-    AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HistoryEntry, ObjectState, StoredKind,
+    AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HeadEvent, HistoryEntry, ObjectState,
+    StoredKind,
 };
 use super::error::{ApiError, StaleOp};
 
@@ -39,7 +41,39 @@ pub struct StorageConfig {
 pub struct Storage {
     backend: Arc<dyn Backend>,
     config: StorageConfig,
-    heads: parking_lot::Mutex<HashMap<String, watch::Sender<u64>>>,
+    heads: Arc<Heads>,
+}
+
+/// The wake-up channels of the users with long polls in this process.
+type Heads = parking_lot::Mutex<HashMap<String, watch::Sender<u64>>>;
+
+fn notify_heads(heads: &Heads, user: &str, head: u64) {
+    let heads = heads.lock();
+    if let Some(tx) = heads.get(user) {
+        tx.send_replace(head);
+    }
+}
+
+/// Forwards the backend's head events to the wake-up channels until the backend goes away.
+async fn forward_head_events(
+    mut rx: tokio::sync::broadcast::Receiver<HeadEvent>,
+    heads: std::sync::Weak<Heads>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let ev = rx.recv().await;
+        let Some(heads) = heads.upgrade() else { return };
+        match ev {
+            Ok(HeadEvent::Moved { user, head }) => notify_heads(&heads, &user, head),
+            // Maybe missed: wake every waiter; each re-reads its head.
+            Ok(HeadEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                for tx in heads.lock().values() {
+                    tx.send_modify(|_| {});
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
 }
 
 /// The root folder's state before any op touched it.
@@ -174,11 +208,20 @@ fn resize(content: &mut Vec<u8>, size: u64, cap: u64) -> Result<(), ApiError> {
 }
 
 impl Storage {
+    /// The service over `backend`; inside a tokio runtime it also starts forwarding the
+    /// backend's head events (other replicas' appends) to long polls.
     pub fn new(backend: Arc<dyn Backend>, config: StorageConfig) -> Storage {
+        let heads: Arc<Heads> = Arc::default();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(forward_head_events(
+                backend.head_events(),
+                Arc::downgrade(&heads),
+            ));
+        }
         Storage {
             backend,
             config,
-            heads: parking_lot::Mutex::new(HashMap::new()),
+            heads,
         }
     }
 
@@ -192,10 +235,7 @@ impl Storage {
     }
 
     fn notify(&self, user: &str, head: u64) {
-        let heads = self.heads.lock();
-        if let Some(tx) = heads.get(user) {
-            tx.send_replace(head);
-        }
+        notify_heads(&self.heads, user, head);
     }
 
     /// Forgets the wake-up channel of a removed user.

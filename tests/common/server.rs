@@ -2,7 +2,8 @@
 //! folder and kills it on drop (also on panic, printing its log when the test failed).
 //!
 //! Backend-agnostic: [`TestServer::start`] asks [`backend_args`] how to start the server, chosen
-//! by `DELTADRIVE_TEST_BACKEND` (today only `embedded`), so the same suite runs on any backend.
+//! by `DELTADRIVE_TEST_BACKEND` (`embedded`, or `postgres_s3` under `tests/scaleout-env.sh`), so
+//! the same suite runs on any backend.
 
 #![allow(dead_code)]
 
@@ -18,10 +19,47 @@ pub fn backend_name() -> String {
     std::env::var("DELTADRIVE_TEST_BACKEND").unwrap_or_else(|_| "embedded".to_string())
 }
 
-/// Extra server arguments selecting the backend under test.
+/// The environment `tests/scaleout-env.sh` exports: (PostgreSQL URL, S3 endpoint, bucket).
+/// Panics when it is missing, so a run that asked for `postgres_s3` never silently skips.
+pub fn scaleout_env() -> (String, String, String) {
+    let get = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is unset: run the postgres_s3 tests under tests/scaleout-env.sh")
+        })
+    };
+    (
+        get("DELTADRIVE_TEST_PG_URL"),
+        get("DELTADRIVE_TEST_S3_ENDPOINT"),
+        get("DELTADRIVE_TEST_S3_BUCKET"),
+    )
+}
+
+/// Extra server arguments selecting the backend under test. With `postgres_s3` every data folder
+/// gets its own schema and bucket prefix (derived from the folder, so a restart finds its state)
+/// and the admin token is written to `DATA/admin.token`.
 pub fn backend_args(data: &Path) -> Vec<String> {
     match backend_name().as_str() {
         "embedded" => vec!["--data".into(), data.display().to_string()],
+        "postgres_s3" => {
+            let (url, endpoint, bucket) = scaleout_env();
+            std::fs::create_dir_all(data).expect("data folder");
+            let schema = format!(
+                "t_{}",
+                &blake3::hash(data.display().to_string().as_bytes()).to_hex()[..20]
+            );
+            vec![
+                "--metadata".into(),
+                url,
+                "--metadata-schema".into(),
+                schema.clone(),
+                "--objects".into(),
+                format!("s3://{bucket}/{schema}"),
+                "--s3-endpoint".into(),
+                endpoint,
+                "--admin-token-file".into(),
+                data.join("admin.token").display().to_string(),
+            ]
+        }
         other => panic!("DELTADRIVE_TEST_BACKEND={other} is not supported by this build"),
     }
 }
@@ -36,6 +74,8 @@ pub struct TestServer {
     /// Certificate, key, and the CA clients trust.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     starts: usize,
+    /// Another server's data folder: this one is a replica on the same storage.
+    shared_data: Option<PathBuf>,
 }
 
 impl TestServer {
@@ -60,13 +100,39 @@ impl TestServer {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             tls,
             starts: 0,
+            shared_data: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts another replica on `other`'s storage (only meaningful for a shared backend such
+    /// as `postgres_s3`); it uses the same admin token.
+    pub fn start_replica_of(other: &TestServer) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = TestServer {
+            dir,
+            url: String::new(),
+            admin_token: String::new(),
+            child: None,
+            extra: other.extra.clone(),
+            tls: None,
+            starts: 0,
+            shared_data: Some(other.data_dir()),
         };
         s.spawn();
         s
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.shared_data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn log_path(&self) -> PathBuf {

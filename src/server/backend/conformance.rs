@@ -3,8 +3,8 @@
 //! backend runs the same function. It checks what the trait promises, not how it is stored.
 
 use super::{
-    AppendRecord, Backend, BackendError, CommitBatch, DeviceRecord, HistoryEntry, ObjectState,
-    StoredKind, UserRecord,
+    AppendRecord, Backend, BackendError, CommitBatch, DeviceRecord, HeadEvent, HistoryEntry,
+    ObjectState, StoredKind, UserRecord,
 };
 
 fn object(id: u8, parent: u8, name: &str) -> ObjectState {
@@ -113,6 +113,7 @@ pub async fn run(b: &dyn Backend) {
     assert!(b.list_devices(s("bob")).await.unwrap().is_empty());
 
     // Log: gapless commits, head check, paging, idempotency.
+    let mut events = b.head_events();
     assert_eq!(b.head(s("alice")).await.unwrap(), 0);
     let mut first = batch(0, 3, "k1");
     first.put_objects.push(object(1, 0, "f"));
@@ -120,6 +121,23 @@ pub async fn run(b: &dyn Backend) {
     first.history = (1..=3).map(|v| ([1; 16], history(v))).collect();
     b.commit(s("alice"), first).await.unwrap();
     assert_eq!(b.head(s("alice")).await.unwrap(), 3);
+    // A commit is announced to head-event receivers (a Resync is also an acceptable wake-up).
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(HeadEvent::Moved { user, head }) if user == "alice" => {
+                    return HeadEvent::Moved { user, head }
+                }
+                Ok(HeadEvent::Moved { .. }) => {}
+                Ok(HeadEvent::Resync) | Err(_) => return HeadEvent::Resync,
+            }
+        }
+    })
+    .await
+    .expect("a head event after the commit");
+    if let HeadEvent::Moved { head, .. } = ev {
+        assert_eq!(head, 3, "the event names the new head");
+    }
     assert_eq!(b.head(s("bob")).await.unwrap(), 0, "logs are per user");
     assert!(matches!(
         b.commit(s("alice"), batch(2, 1, "k2")).await,

@@ -14,6 +14,7 @@
 #[cfg(test)]
 pub mod conformance;
 pub mod embedded;
+pub mod postgres_s3;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -153,6 +154,16 @@ pub struct AppendRecord {
 /// A held per-user commit lock; dropping it releases the lock.
 pub type UserLock = Box<dyn Send + Sync>;
 
+/// A change of the log heads seen by a backend, from this process or from another replica
+/// sharing the same storage. Only a wake-up hint: receivers re-read the head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadEvent {
+    /// `user`'s head is now (at least) `head`.
+    Moved { user: String, head: u64 },
+    /// Events may have been missed (a reconnect, a lagging receiver): re-check every head.
+    Resync,
+}
+
 /// The storage boundary. Methods are coarse; each call is one backend round trip.
 pub trait Backend: Send + Sync + 'static {
     /// The hash of the admin token, if one was set.
@@ -174,7 +185,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Who holds this token hash (never cached).
     fn lookup_token(&self, hash: String) -> BoxFut<'_, Option<TokenRecord>>;
 
-    /// Takes the user's commit lock (waits while another commit holds it).
+    /// Takes the user's commit lock (waits while another commit holds it). The lock excludes
+    /// every holder sharing this backend's storage, in this process or in another replica.
     fn lock_user(&self, user: String) -> BoxFut<'_, UserLock>;
     /// The user's head sequence (0 for an empty log).
     fn head(&self, user: String) -> BoxFut<'_, u64>;
@@ -182,7 +194,8 @@ pub trait Backend: Send + Sync + 'static {
     fn get_object(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Option<ObjectState>>;
     /// The entries of one directory: (name, child id).
     fn list_children(&self, user: String, dir: [u8; 16]) -> BoxFut<'_, DirEntries>;
-    /// Commits one append atomically and durably (see [`CommitBatch`]).
+    /// Commits one append atomically and durably (see [`CommitBatch`]); once it returns `Ok`,
+    /// every receiver of [`Backend::head_events`] (in any replica) gets a `Moved` event.
     fn commit(&self, user: String, batch: CommitBatch) -> BoxFut<'_, ()>;
     /// Up to `limit` entries after `after`, stopping past `max_bytes` (at least one entry).
     fn read_log(
@@ -201,4 +214,9 @@ pub trait Backend: Send + Sync + 'static {
     fn put_chunks(&self, chunks: Vec<(ChunkId, Vec<u8>)>) -> BoxFut<'_, ()>;
     /// One chunk's bytes; `NotFound` if absent.
     fn get_chunk(&self, id: ChunkId) -> BoxFut<'_, Vec<u8>>;
+
+    /// Head changes committed through this backend's storage by any replica (including this
+    /// one), for waking long polls. A receiver that lags gets `RecvError::Lagged` and must treat
+    /// it as [`HeadEvent::Resync`].
+    fn head_events(&self) -> tokio::sync::broadcast::Receiver<HeadEvent>;
 }

@@ -18,7 +18,7 @@ use rocksdb::{
 
 use super::{
     AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries,
-    HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
+    HeadEvent, HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
 };
 
 const CF_META: &str = "meta";
@@ -66,6 +66,7 @@ struct Inner {
     db: DB,
     chunk_dir: PathBuf,
     locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    events: tokio::sync::broadcast::Sender<HeadEvent>,
 }
 
 fn db_err(e: rocksdb::Error) -> BackendError {
@@ -124,6 +125,7 @@ impl Embedded {
                 db,
                 chunk_dir,
                 locks: parking_lot::Mutex::new(HashMap::new()),
+                events: tokio::sync::broadcast::channel(1024).0,
             }),
         })
     }
@@ -450,7 +452,15 @@ impl Backend for Embedded {
     }
 
     fn commit(&self, user: String, batch: CommitBatch) -> BoxFut<'_, ()> {
-        self.blocking(move |i| i.commit(&user, batch))
+        self.blocking(move |i| {
+            let head = batch
+                .entries
+                .last()
+                .map_or(batch.expected_head, |(s, _)| *s);
+            i.commit(&user, batch)?;
+            let _ = i.events.send(HeadEvent::Moved { user, head });
+            Ok(())
+        })
     }
 
     fn read_log(
@@ -532,6 +542,10 @@ impl Backend for Embedded {
             }
             Ok(())
         })
+    }
+
+    fn head_events(&self) -> tokio::sync::broadcast::Receiver<HeadEvent> {
+        self.inner.events.subscribe()
     }
 
     fn get_chunk(&self, id: ChunkId) -> BoxFut<'_, Vec<u8>> {
