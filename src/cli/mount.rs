@@ -238,9 +238,12 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let device: Option<serde_json::Value> = std::fs::read(home.device_file())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let server = device
-        .as_ref()
-        .and_then(|d| d.get("server").and_then(|s| s.as_str()).map(str::to_string));
+    let server = device.as_ref().and_then(|d| {
+        d.get("server_url")
+            .and_then(|s| s.as_str())
+            .map(str::to_string)
+    });
+    let online = server.as_deref().map(server_reachable);
     let pending = if home.db_dir().exists() {
         crate::store::Store::open_read_only(&home.db_dir(), &home.content_dir())
             .and_then(|s| s.outbox_size())
@@ -257,7 +260,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         pid: rec.as_ref().map(|r| r.pid),
         logged_in: device.is_some(),
         server,
-        online: None,
+        online,
         pending_uploads: Pending {
             count: pending.0,
             bytes: pending.1,
@@ -274,9 +277,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         (Some(mp), Some(pid)) => println!("mounted:         {} (pid {pid})", mp.display()),
         _ => println!("mounted:         no"),
     }
-    match &report.server {
-        Some(s) => println!("server:          {s}"),
-        None => println!("server:          not logged in (deltadrive login)"),
+    match (&report.server, report.online) {
+        (Some(s), Some(true)) => println!("server:          {s} (reachable)"),
+        (Some(s), _) => println!("server:          {s} (unreachable: offline)"),
+        (None, _) => println!("server:          not logged in (deltadrive login)"),
     }
     println!(
         "pending uploads: {} ({} bytes)",
@@ -288,4 +292,26 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     );
     println!("conflicts:       {}", report.conflicts.len());
     Ok(())
+}
+
+/// Whether the server's address accepts a TCP connection within two seconds.
+fn server_reachable(url: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let default_port = if url.starts_with("https") { 443 } else { 80 };
+    let target = if hostport
+        .rsplit(':')
+        .next()
+        .is_some_and(|p| p.parse::<u16>().is_ok())
+    {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:{default_port}")
+    };
+    target
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
 }
