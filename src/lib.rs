@@ -6,6 +6,7 @@
 //! - [`engine`]: the sync state machine: local and remote changes in, actions out. No I/O.
 //! - [`store`]: the device's RocksDB store behind a narrow facade.
 //! - [`fs`]: the fuser adapter over the store.
+//! - [`sync`]: the I/O side of sync (today: the outbox uploader).
 //! - [`cli`]: the command-line contract; `main.rs` stays thin.
 //! - [`server`]: the storage and management server (axum, embedded RocksDB backend).
 //! - [`client`]: the reqwest client of the server's API and the device's login.
@@ -20,3 +21,4 @@ pub mod home;
 pub mod logging;
 pub mod server;
 pub mod store;
+pub mod sync;

@@ -224,6 +224,7 @@ struct StatusReport {
     pending_uploads: Pending,
     last_sync: Option<String>,
     conflicts: Vec<String>,
+    last_error: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -253,6 +254,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     } else {
         (0, 0)
     };
+    let sync_report = crate::sync::SyncReport::load(&home);
     let report = StatusReport {
         home: home.root().to_path_buf(),
         mounted: rec.is_some(),
@@ -265,8 +267,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             count: pending.0,
             bytes: pending.1,
         },
-        last_sync: None,
+        last_sync: sync_report.last_upload_ms.map(format_ms),
         conflicts: Vec::new(),
+        last_error: sync_report.last_error.clone(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -291,6 +294,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         report.last_sync.as_deref().unwrap_or("never")
     );
     println!("conflicts:       {}", report.conflicts.len());
+    if let Some(e) = &report.last_error {
+        println!("last error:      {e}");
+    }
     Ok(())
 }
 
@@ -314,4 +320,26 @@ fn server_reachable(url: &str) -> bool {
         .ok()
         .and_then(|mut a| a.next())
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// Milliseconds since the Unix epoch as UTC `YYYY-MM-DD HH:MM:SS`.
+fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -201,6 +201,14 @@ pub fn run(
             })?
     };
 
+    let uploader = match crate::sync::Uploader::start(Arc::clone(&store), home) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!("uploads disabled: {e:#}");
+            None
+        }
+    };
+
     let signalled = signals.wait_or(done_rx)?;
     if let Some(sig) = signalled {
         tracing::info!("received {sig}: unmounting {}", mountpoint.display());
@@ -217,6 +225,9 @@ pub fn run(
     let _ = sealer.join();
     // Whatever is still pending is sealed now: nothing acknowledged waits for a next mount.
     core.seal_if_due(true);
+    if let Some(u) = uploader {
+        u.stop();
+    }
     let _ = std::fs::remove_file(home.pid_file());
     store.sync_wal().context("flushing the store at unmount")?;
     drop(core);
