@@ -107,16 +107,20 @@ fn model_tree(m: &HashMap<ObjectId, Obj>) -> BTreeMap<String, Option<Vec<u8>>> {
         parts.reverse();
         parts.join("/")
     };
-    m.iter()
-        .map(|(id, o)| {
-            let v = match &o.kind {
-                ObjectKind::Directory => None,
-                ObjectKind::File => Some(o.content.clone()),
-                ObjectKind::Symlink { target } => Some(target.clone()),
-            };
-            (path_of(*id), v)
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for (id, o) in m {
+        let v = match &o.kind {
+            ObjectKind::Directory => None,
+            ObjectKind::File => Some(o.content.clone()),
+            ObjectKind::Symlink { target } => Some(target.clone()),
+        };
+        let path = path_of(*id);
+        assert!(
+            out.insert(path.clone(), v).is_none(),
+            "two objects at {path} after replay"
+        );
+    }
+    out
 }
 
 fn disk_tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {

@@ -52,6 +52,9 @@ pub enum Command {
     /// Write the man pages (deltadrive.1 and one per subcommand) into a folder
     #[command(hide = true)]
     Man(docs::ManArgs),
+    /// List the transactions waiting in this device's outbox (op kinds and versions)
+    #[command(hide = true)]
+    Outbox(StatusArgs),
     /// Print a shell completion script
     #[command(hide = true)]
     Completions(docs::CompletionsArgs),
@@ -236,6 +239,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(a) => admin::admin(a),
         Command::Login(a) => login::login(a),
         Command::Man(a) => docs::man(a),
+        Command::Outbox(a) => mount::outbox(a),
         Command::Completions(a) => docs::completions(a),
         Command::Watch(_) => not_yet("watch", 6),
         Command::History(_) | Command::Restore(_) => not_yet("history/restore", 5),

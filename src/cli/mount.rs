@@ -343,3 +343,49 @@ fn format_ms(ms: i64) -> String {
         rem % 60
     )
 }
+
+/// `deltadrive outbox`: what this device will upload, one line an op.
+pub fn outbox(args: StatusArgs) -> anyhow::Result<()> {
+    use crate::changelog::OpKind;
+    let home = Home::resolve(args.home.home.as_deref())?;
+    let store = crate::store::Store::open_read_only(&home.db_dir(), &home.content_dir())?;
+    for (seq, bytes) in store.outbox()? {
+        let tx = crate::changelog::decode_transaction(&bytes)?;
+        println!(
+            "#{seq} tx {} ({} bytes) from {}",
+            hex::encode(tx.id),
+            bytes.len(),
+            tx.device
+        );
+        for op in &tx.ops {
+            let what = match &op.kind {
+                OpKind::Create { name, .. } => format!("create {name}"),
+                OpKind::Write {
+                    new_size, delta, ..
+                } => {
+                    format!(
+                        "write {new_size} bytes ({:?})",
+                        crate::delta::Strategy::of(delta)
+                    )
+                }
+                OpKind::Truncate { new_size, .. } => format!("truncate {new_size}"),
+                OpKind::Rename { new_name, .. } => format!("rename to {new_name}"),
+                OpKind::Delete => "delete".into(),
+                OpKind::SetAttr { mode, mtime_ns } => {
+                    format!("setattr mode {mode:?} mtime {mtime_ns:?}")
+                }
+                OpKind::SetXattr { name, .. } => {
+                    format!("setxattr {}", String::from_utf8_lossy(name))
+                }
+                OpKind::RemoveXattr { name } => {
+                    format!("removexattr {}", String::from_utf8_lossy(name))
+                }
+            };
+            println!(
+                "  {} v{}->v{} {what}",
+                op.object, op.base_version, op.new_version
+            );
+        }
+    }
+    Ok(())
+}

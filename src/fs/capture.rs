@@ -291,7 +291,10 @@ impl Sealer<'_> {
         let mut items = Vec::with_capacity(objects.len());
         for (object, flags) in objects {
             let inode = match self.store.ino_of_object(&object)? {
-                Some(ino) => self.store.get_inode(ino)?.filter(|i| i.nlink > 0),
+                Some(ino) => self
+                    .store
+                    .get_inode(ino)?
+                    .filter(|i| i.nlink > 0 && i.object == object),
                 None => None,
             };
             let state = self.store.object_state(&object)?;
@@ -352,7 +355,9 @@ impl Sealer<'_> {
             return Ok(0);
         }
         let mut b = self.store.batch();
-        self.transfer_identities(&mut items, &mut b)?;
+        // Ids a new file gave up when it took over an announced file's identity.
+        let mut retired = Vec::new();
+        self.transfer_identities(&mut items, &mut b, &mut retired)?;
 
         let mut tx = TxBuilder {
             device: self.capture.device.clone(),
@@ -437,6 +442,7 @@ impl Sealer<'_> {
                 .chain(changed.iter().map(|it| it.object))
                 .chain(file_deletes.iter().map(|it| it.object))
                 .chain(dd.iter().map(|(_, it)| it.object))
+                .chain(retired.iter().copied())
                 .collect();
             let mut changed = self.capture.changed.lock();
             for o in sealed {
@@ -511,6 +517,7 @@ impl Sealer<'_> {
         &self,
         items: &mut Vec<Item>,
         b: &mut Batch<'_>,
+        retired: &mut Vec<ObjectId>,
     ) -> Result<(), StoreError> {
         let new_files: Vec<usize> = items
             .iter()
@@ -539,6 +546,8 @@ impl Sealer<'_> {
                 moved.object = donor_obj;
                 b.put_inode(&moved);
                 b.clear_pending(&items[n].object);
+                b.delete_object_index(&items[n].object);
+                retired.push(items[n].object);
                 items[n].object = donor_obj;
                 items[n].state = state;
                 items[n].inode = Some(moved);
@@ -566,6 +575,8 @@ impl Sealer<'_> {
                 b.put_inode(&old_inode);
                 b.put_inode(&new_inode);
                 b.clear_pending(&items[n].object);
+                b.delete_object_index(&items[n].object);
+                retired.push(items[n].object);
                 let state = items[m].state.take();
                 // The moved-away file becomes a new object with the old content.
                 items[m].object = fresh;

@@ -489,6 +489,11 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Removes an object id from the object index (its inode took another id).
+    pub fn delete_object_index(&mut self, object: &ObjectId) {
+        self.wb.delete_cf(self.store.cf(CF_OBJECTS), object.0);
+    }
+
     pub fn put_dirent(&mut self, parent: u64, name: &[u8], ino: u64, kind: FileKind) {
         self.wb.put_cf(
             self.store.cf(CF_DIRENTS),
