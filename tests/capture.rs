@@ -235,14 +235,28 @@ fn in_place_edits_travel_as_their_bytes() {
     settle(&mut m);
     let before = outbox(&m.home).len();
 
+    // Each edit is sealed at its close; FUSE delivers the close (RELEASE) asynchronously, so
+    // wait for it before the next edit, or the two coalesce into one delta (also correct).
+    let sealed = |n: usize| {
+        let start = std::time::Instant::now();
+        while outbox(&m.home).len() < n {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "edit {n} not sealed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
     // One byte in the middle: a Ranges delta of one byte.
     let f = OpenOptions::new().write(true).open(&p).unwrap();
     f.write_all_at(b"Z", 1_500_000).unwrap();
     drop(f);
+    sealed(before + 1);
     // Append.
     let mut f = OpenOptions::new().append(true).open(&p).unwrap();
     f.write_all(b"appended tail").unwrap();
     drop(f);
+    sealed(before + 2);
     // Truncate.
     OpenOptions::new()
         .write(true)
@@ -250,6 +264,7 @@ fn in_place_edits_travel_as_their_bytes() {
         .unwrap()
         .set_len(2 << 20)
         .unwrap();
+    sealed(before + 3);
     settle(&mut m);
 
     let txs = assert_replay_matches(&m);

@@ -549,8 +549,10 @@ impl FsCore {
         let file = self.handle_file(fh)?;
         file.write_all_at(data, offset)?;
         let end = offset + data.len() as u64;
-        let rewritten = self.capture.wrote(ino, offset, data.len() as u64);
+        // Under the metadata lock, so a seal never sees these ranges before the size they
+        // belong to.
         let _g = self.lock();
+        let rewritten = self.capture.wrote(ino, offset, data.len() as u64);
         let mut i = self.inode(ino)?;
         let now = Timespec::now();
         if end > i.size {
