@@ -182,10 +182,6 @@ impl Capture {
         a.oldest_unsealed = if empty { None } else { Some(Instant::now()) };
     }
 
-    fn is_pending(&self, object: &ObjectId) -> bool {
-        self.pending.lock().contains_key(object)
-    }
-
     pub fn device(&self) -> &str {
         &self.device
     }
@@ -798,10 +794,10 @@ impl Sealer<'_> {
             (Strategy::Rsync, Some(sig)) if st.version > 0 => {
                 match delta::rsync_delta(sig, &content) {
                     Ok(d) if delta_len(&d) < size as usize => d,
-                    _ => whole_or_ranges(content.clone()),
+                    _ => Delta::Whole(content.clone()),
                 }
             }
-            _ => whole_or_ranges(content.clone()),
+            _ => Delta::Whole(content.clone()),
         };
         let delta_size = delta_len(&delta);
         // A new file's first content has no base: that is no choice worth remembering.
@@ -1084,10 +1080,6 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn whole_or_ranges(content: Vec<u8>) -> Delta {
-    Delta::Whole(content)
-}
-
 fn delta_len(d: &Delta) -> usize {
     match d {
         Delta::Whole(b) | Delta::Rsync(b) => b.len(),
@@ -1105,6 +1097,6 @@ fn ratio(delta: usize, size: u64) -> u32 {
 impl Capture {
     /// Whether `object` has unsealed changes (for the status xattr and tests).
     pub fn has_pending(&self, object: &ObjectId) -> bool {
-        self.is_pending(object)
+        self.pending.lock().contains_key(object)
     }
 }
