@@ -19,7 +19,10 @@ fn object(id: u8, parent: u8, name: &str) -> ObjectState {
         size: 0,
         hash: [0; 32],
         chunks: Vec::new(),
-        xattrs: Default::default(),
+        // Binary xattr names and values must survive every backend's encoding.
+        xattrs: [(b"user.tag".to_vec(), vec![0, 255, 1])]
+            .into_iter()
+            .collect(),
         seq: 1,
     }
 }

@@ -101,9 +101,32 @@ pub struct ObjectState {
     pub hash: [u8; 32],
     /// The content as consecutive chunks (files only).
     pub chunks: Vec<ChunkId>,
+    /// Stored as a list of pairs: JSON map keys must be strings, xattr names are bytes.
+    #[serde(with = "xattr_pairs")]
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     /// The log sequence number of the last change to this object.
     pub seq: u64,
+}
+
+mod xattr_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<Vec<u8>, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(&Vec<u8>, &Vec<u8>)> = map.iter().collect();
+        pairs.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, D::Error> {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::deserialize(d)?;
+        Ok(pairs.into_iter().collect())
+    }
 }
 
 /// One kept version of a file's content.
