@@ -45,8 +45,24 @@ const MAX_RSYNC: u64 = 4 << 30;
 /// Dirty ranges kept per file before the file counts as rewritten.
 const MAX_DIRTY_RANGES: usize = 4096;
 
+/// Where sealed transactions go before they commit: the sync engine checks each against
+/// its local tree and queues it for upload.
+pub trait CommitSink: Send + Sync {
+    /// Called under the metadata lock, before the outbox write commits, with the
+    /// transactions in order. On `Err` nothing is committed and the objects stay pending.
+    ///
+    /// # Errors
+    /// A transaction does not apply to the engine's local tree (a bug; the sink recovers
+    /// its state from the store).
+    fn local_commit(&self, txs: &[Transaction]) -> Result<(), String>;
+
+    /// The outbox write failed after [`CommitSink::local_commit`] accepted its transactions.
+    fn commit_failed(&self);
+}
+
 /// Capture state shared by the FUSE threads and the sealer.
 pub struct Capture {
+    sink: std::sync::OnceLock<std::sync::Arc<dyn CommitSink>>,
     device: String,
     quiet: Duration,
     max_delay: Duration,
@@ -96,6 +112,7 @@ impl Capture {
         let has_pending = !pending.is_empty();
         let now = Instant::now();
         Ok(Capture {
+            sink: std::sync::OnceLock::new(),
             device,
             quiet,
             max_delay: Duration::from_secs(5).max(quiet * 4),
@@ -152,6 +169,23 @@ impl Capture {
     /// Forgets an inode's dirty ranges (it is gone).
     pub fn forget(&self, ino: u64) {
         self.dirty.lock().remove(&ino);
+    }
+
+    /// Sends sealed transactions through `sink` from now on.
+    pub fn set_sink(&self, sink: std::sync::Arc<dyn CommitSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Forgets that an object is pending (a remote change removed it; the caller clears the
+    /// stored mark in its batch).
+    pub fn drop_pending(&self, object: &ObjectId) {
+        self.pending.lock().remove(object);
+        self.changed.lock().remove(object);
+    }
+
+    /// Whether anything is pending.
+    pub fn any_pending(&self) -> bool {
+        !self.pending.lock().is_empty()
     }
 
     /// Whether sealing everything is due: quiet long enough, or busy for too long.
@@ -416,12 +450,16 @@ impl Sealer<'_> {
         }
         let mut dd = Vec::new();
         for it in dir_deletes {
-            let depth = it.state.as_ref().map(|s| s.name.len()).unwrap_or(0);
+            let depth = match &it.state {
+                Some(st) => self.announced_depth(st)?,
+                None => 0,
+            };
             dd.push((depth, it));
         }
-        // Deepest first: a folder's children were sealed deleted in the same pass; deleting
-        // in reverse creation order (unknown here) is approximated by emptiness on the server.
-        for (_, it) in dd.iter().rev() {
+        // Deepest first (by the announced tree): a folder's children were sealed deleted in
+        // the same pass, so each folder is empty when its delete applies.
+        dd.sort_by_key(|(d, _)| std::cmp::Reverse(*d));
+        for (_, it) in dd.iter() {
             self.seal_delete(it, &mut tx, &mut b);
         }
         let txs = tx.finish();
@@ -429,7 +467,16 @@ impl Sealer<'_> {
         for t in &txs {
             b.push_outbox(t)?;
         }
-        self.store.commit(b, false)?;
+        let sink = self.capture.sink.get().filter(|_| !txs.is_empty());
+        if let Some(sink) = sink {
+            sink.local_commit(&txs).map_err(StoreError::Corrupt)?;
+        }
+        if let Err(e) = self.store.commit(b, false) {
+            if let Some(sink) = sink {
+                sink.commit_failed();
+            }
+            return Err(e);
+        }
         {
             let mut p = self.capture.pending.lock();
             let sealed: Vec<ObjectId> = with_depth
@@ -492,6 +539,20 @@ impl Sealer<'_> {
         }
         *items = keep;
         Ok(())
+    }
+
+    /// How deep an announced object is in the announced tree (its previous state's parents).
+    fn announced_depth(&self, st: &ObjectState) -> Result<u32, StoreError> {
+        let mut depth = 1;
+        let mut parent = st.parent;
+        while parent != ObjectId::ROOT && depth < 4096 {
+            match self.store.object_state(&parent)? {
+                Some(p) => parent = p.parent,
+                None => break,
+            }
+            depth += 1;
+        }
+        Ok(depth)
     }
 
     fn depth(&self, mut ino: u64) -> Result<u32, StoreError> {
