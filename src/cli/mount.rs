@@ -223,8 +223,17 @@ struct StatusReport {
     online: Option<bool>,
     pending_uploads: Pending,
     last_sync: Option<String>,
-    conflicts: Vec<String>,
+    /// Conflicted copies made since the user last looked (`status` without `--json`).
+    conflicts: Vec<Conflict>,
+    /// The last server sequence applied on this device.
+    cursor: u64,
     last_error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Conflict {
+    name: String,
+    time: String,
 }
 
 #[derive(serde::Serialize)]
@@ -255,6 +264,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         (0, 0)
     };
     let sync_report = crate::sync::SyncReport::load(&home);
+    let seen_file = home.root().join("conflicts-seen");
+    let conflicts_seen: i64 = std::fs::read_to_string(&seen_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     let report = StatusReport {
         home: home.root().to_path_buf(),
         mounted: rec.is_some(),
@@ -267,8 +281,20 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             count: pending.0,
             bytes: pending.1,
         },
-        last_sync: sync_report.last_upload_ms.map(format_ms),
-        conflicts: Vec::new(),
+        last_sync: sync_report
+            .last_sync_ms
+            .or(sync_report.last_upload_ms)
+            .map(format_ms),
+        conflicts: sync_report
+            .conflicts
+            .iter()
+            .filter(|c| c.time_ms > conflicts_seen)
+            .map(|c| Conflict {
+                name: c.name.clone(),
+                time: format_ms(c.time_ms),
+            })
+            .collect(),
+        cursor: sync_report.cursor,
         last_error: sync_report.last_error.clone(),
     };
     if args.json {
@@ -294,6 +320,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         report.last_sync.as_deref().unwrap_or("never")
     );
     println!("conflicts:       {}", report.conflicts.len());
+    for c in &report.conflicts {
+        println!("  {} (made {} UTC)", c.name, c.time);
+    }
+    // Shown once: the next `status` lists only newer ones (`--json` never marks them seen).
+    if let Some(newest) = sync_report.conflicts.iter().map(|c| c.time_ms).max() {
+        if newest > conflicts_seen {
+            let _ = std::fs::write(&seen_file, newest.to_string());
+        }
+    }
     if let Some(e) = &report.last_error {
         println!("last error:      {e}");
     }

@@ -13,6 +13,7 @@
 //! - An inode unlinked while open stays readable and writable through its open handles and
 //!   is removed at its last close (or at the next start, after a crash).
 
+pub mod apply;
 mod attr;
 pub mod capture;
 mod errors;
@@ -96,6 +97,9 @@ pub struct FsCore {
     /// Open handles per inode, for unlinked-but-open files.
     open_count: Mutex<HashMap<u64, u32>>,
     next_fh: AtomicU64,
+    /// Inodes whose content a remote change replaced since they were last opened: their
+    /// next open drops the kernel's cached pages.
+    replaced: Mutex<std::collections::HashSet<u64>>,
 }
 
 #[derive(Clone)]
@@ -146,6 +150,7 @@ impl FsCore {
             dirs: Mutex::new(HashMap::new()),
             open_count: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            replaced: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -725,6 +730,33 @@ impl FsCore {
         }
     }
 
+    /// Takes the metadata lock for the sync driver and, with `seal`, seals everything
+    /// pending first, so the engine knows every local change before a remote one is applied.
+    pub fn sync_lock(&self, seal: bool) -> SyncGuard<'_> {
+        let g = self.lock();
+        if seal && self.capture.any_pending() {
+            let sealer = capture::Sealer {
+                store: &self.store,
+                capture: &self.capture,
+            };
+            if let Err(e) = sealer.seal(None) {
+                tracing::error!("sealing pending changes before a remote change failed: {e}");
+            }
+        }
+        SyncGuard {
+            core: self,
+            _guard: g,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn capture(&self) -> &capture::Capture {
+        &self.capture
+    }
+
     /// Seals every pending change when the tree has been quiet long enough; returns how
     /// many transactions went to the outbox.
     pub fn seal_if_due(&self, force: bool) -> usize {
@@ -750,6 +782,28 @@ impl FsCore {
                 0
             }
         }
+    }
+}
+
+/// The metadata lock held by the sync driver (see [`FsCore::sync_lock`]).
+pub struct SyncGuard<'a> {
+    core: &'a FsCore,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl SyncGuard<'_> {
+    /// Applies one remote transaction (see [`apply`]).
+    ///
+    /// # Errors
+    /// [`apply::ApplyError`]; nothing was changed.
+    pub fn apply(
+        &self,
+        a: &crate::engine::LocalApply,
+        device: &str,
+        now_ms: i64,
+        fetch: &mut apply::Fetcher<'_>,
+    ) -> Result<apply::Applied, apply::ApplyError> {
+        self.core.apply_remote(a, device, now_ms, fetch)
     }
 }
 
@@ -989,7 +1043,16 @@ impl Filesystem for DeltaFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.do_open(ino.0, flags) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => {
+                // The first open after a remote change drops what the kernel cached.
+                let fresh = self.replaced.lock().remove(&ino.0);
+                let flags = if fresh {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                reply.opened(FileHandle(fh), flags)
+            }
             Err(e) => reply.error(e),
         }
     }

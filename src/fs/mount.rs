@@ -7,6 +7,7 @@
 //! busy it is detached lazily and the daemon exits when the kernel lets go of it.
 
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -145,7 +146,8 @@ pub fn run(
             anyhow::anyhow!(msg)
         }
     })?;
-    let capture = Capture::load(&store, device_name(home), options.quiet_period)?;
+    let device = device_name(home);
+    let capture = Capture::load(&store, device.clone(), options.quiet_period)?;
     let core = Arc::new(FsCore::new(Arc::clone(&store), options, capture));
     let fs = DeltaFs(Arc::clone(&core));
 
@@ -164,6 +166,7 @@ pub fn run(
     let mut session = Session::new(fs, &mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
+    let notifier = session.notifier();
 
     // Signal handlers before READY=1: a stop right after the start unmounts cleanly instead
     // of dying by SIGTERM's default action and leaving a dead mount.
@@ -201,10 +204,22 @@ pub fn run(
             })?
     };
 
-    let uploader = match crate::sync::Uploader::start(Arc::clone(&store), home) {
-        Ok(u) => u,
+    let invalidate: crate::sync::Invalidate = Box::new(move |items| {
+        use super::apply::Invalidation;
+        for item in items {
+            // ENOENT: the kernel had nothing cached; nothing to do.
+            let _ = match item {
+                Invalidation::Inode(ino) => notifier.inval_inode(fuser::INodeNo(*ino), 0, 0),
+                Invalidation::Entry { parent, name } => {
+                    notifier.inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::from_bytes(name))
+                }
+            };
+        }
+    });
+    let sync = match crate::sync::Syncer::start(Arc::clone(&core), home, device, invalidate) {
+        Ok(s) => Some(s),
         Err(e) => {
-            tracing::error!("uploads disabled: {e:#}");
+            tracing::error!("sync disabled: {e:#}");
             None
         }
     };
@@ -225,8 +240,8 @@ pub fn run(
     let _ = sealer.join();
     // Whatever is still pending is sealed now: nothing acknowledged waits for a next mount.
     core.seal_if_due(true);
-    if let Some(u) = uploader {
-        u.stop();
+    if let Some(s) = sync {
+        s.stop();
     }
     let _ = std::fs::remove_file(home.pid_file());
     store.sync_wal().context("flushing the store at unmount")?;

@@ -16,6 +16,7 @@
 //!   `orphan/`; [`Store::open`] removes orphans left by a crash.
 
 mod codec;
+pub mod engine_state;
 pub mod sync_state;
 
 use std::fs::{File, OpenOptions};
@@ -39,7 +40,7 @@ const CF_DIRENTS: &str = "dirents";
 const CF_XATTRS: &str = "xattrs";
 const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 10] = [
+const ALL_CFS: [&str; 11] = [
     CF_INODES,
     CF_DIRENTS,
     CF_XATTRS,
@@ -50,6 +51,7 @@ const ALL_CFS: [&str; 10] = [
     sync_state::CF_OUTBOX,
     sync_state::CF_SIGNATURES,
     sync_state::CF_LEAVES,
+    engine_state::CF_SERVER,
 ];
 
 const META_NEXT_INO: &[u8] = b"next_ino";
@@ -235,6 +237,11 @@ impl Store {
         self.next_ino.store(next, Ordering::SeqCst);
         self.next_outbox
             .store(sync_state::load_outbox_next(self)?, Ordering::SeqCst);
+        self.roll_back_apply_journal()?;
+        let staging = self.staging_dir();
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
         self.remove_orphans()
     }
 

@@ -237,6 +237,26 @@ impl Store {
         Ok(out)
     }
 
+    /// The local sequences of the first `n` outbox entries, oldest first.
+    ///
+    /// # Errors
+    /// The outbox cannot be read.
+    pub fn outbox_seqs(&self, n: usize) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_OUTBOX));
+        it.seek_to_first();
+        while it.valid() && out.len() < n {
+            let k = it.key().unwrap_or_default();
+            out.push(u64::from_be_bytes(
+                k.try_into()
+                    .map_err(|_| StoreError::Corrupt("bad outbox key".into()))?,
+            ));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
     /// Number of entries and bytes waiting in the outbox.
     pub fn outbox_size(&self) -> Result<(u64, u64)> {
         let mut n = 0;

@@ -1,227 +1,547 @@
-//! The sync driver: the I/O side of sync, run beside the mount. Today it uploads the outbox;
-//! pulling remote logs and applying them through [`crate::engine`] is the next step (issue #5).
+//! The sync driver: the I/O side of the sync engine ([`crate::engine`]), run beside the
+//! mount. It executes the engine's actions (upload the outbox, pull and long-poll the
+//! user's log, apply remote transactions into the mounted tree) and feeds their outcomes
+//! back in.
 //!
 //! What always holds:
-//! - An outbox entry leaves the store only after the server acknowledged the append that
-//!   carried it (the server stores an acknowledged append durably).
-//! - A batch is retried unchanged under the same idempotency key (the first transaction's
-//!   id) until the server answers it, so a retry after a lost answer never stores twice.
-//! - Failures back off exponentially (capped); the mount never waits on any of this.
+//! - The engine and the store change together: a remote transaction is applied under the
+//!   file system's metadata lock, after every pending local change was sealed, in one write
+//!   batch with the engine's durable state (`crate::fs::apply`). Local transactions go to the
+//!   engine under the same lock before their outbox write commits ([`CommitSink`]).
+//! - If the two ever disagree (an apply that cannot be executed, a commit that failed after
+//!   the engine accepted it), the engine is rebuilt from the store, which is always a
+//!   consistent state, and pulls again.
+//! - An outbox entry leaves the store only when the server's log holds it (the engine sees
+//!   it come back, or the server acknowledged the append right after the cursor).
+//! - Kernel caches are invalidated after the lock is released (fuser's notifier must not
+//!   wait on a request that waits for the lock).
+
+mod report;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::changelog::{decode_transaction, encode_changelog_checked, ChangeLog};
-use crate::client::{Client, DeviceConfig};
+use parking_lot::Mutex;
+
+pub use report::SyncReport;
+
+use crate::changelog::{decode_transaction, encode_changelog_checked, ChangeLog, Transaction};
+use crate::client::{Client, ClientError, DeviceConfig};
+use crate::engine::{Action, Engine, EngineConfig, PersistedState, RequestId};
+use crate::fs::apply::{ApplyError, Invalidation};
+use crate::fs::capture::CommitSink;
+use crate::fs::FsCore;
 use crate::home::Home;
 use crate::store::Store;
 
-/// Most compressed bytes of outbox entries sent in one append.
-const MAX_BATCH_BYTES: u64 = 8 << 20;
-/// Most transactions in one append.
-const MAX_BATCH_TXS: usize = 256;
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How often an idle uploader looks at the outbox.
-const IDLE_TICK: Duration = Duration::from_millis(100);
+/// Entries asked for per pull.
+const PULL_PAGE: usize = 500;
+/// How long one long poll waits on the server.
+const LONG_POLL: Duration = Duration::from_secs(25);
+/// How long a fetch during an apply may retry before the apply is abandoned.
+const FETCH_DEADLINE: Duration = Duration::from_secs(20);
 
-/// What `status` shows about uploads (written to `H/sync.json` after each answer).
-#[derive(serde::Serialize, serde::Deserialize, Default, Debug, Clone)]
-pub struct SyncReport {
-    /// When the server last acknowledged an append, ms since the Unix epoch.
-    pub last_upload_ms: Option<i64>,
-    /// The server's sequence number of the last acknowledged transaction.
-    pub server_seq: Option<u64>,
-    /// The last refusal or failure, if the last attempt failed.
-    pub last_error: Option<String>,
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
-impl SyncReport {
-    pub fn load(home: &Home) -> SyncReport {
-        std::fs::read(home.root().join("sync.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+/// Rebuilds the engine from what the store holds.
+///
+/// # Errors
+/// The store cannot be read or its outbox does not apply to its server tree.
+pub fn restore_engine(store: &Store, config: EngineConfig) -> anyhow::Result<Engine> {
+    let mut outbox = Vec::new();
+    for (_, enc) in store.outbox()? {
+        outbox.push(decode_transaction(&enc)?);
     }
+    let state = PersistedState {
+        cursor: store.sync_cursor()?,
+        server_tree: store.server_tree()?,
+        outbox,
+    };
+    Ok(Engine::restore(config, state)?)
+}
 
-    fn save(&self, home: &Home) {
-        let path = home.root().join("sync.json");
-        let tmp = path.with_extension("json.tmp");
-        if let Ok(b) = serde_json::to_vec_pretty(self) {
-            if std::fs::write(&tmp, b).is_ok() {
-                let _ = std::fs::rename(&tmp, &path);
+/// State shared by the driver, the capture layer and `Syncer`'s owner.
+struct Shared {
+    engine: Mutex<Engine>,
+    config: EngineConfig,
+    store: Arc<Store>,
+    online: AtomicBool,
+    wake: tokio::sync::Notify,
+    stop: AtomicBool,
+    report: Mutex<SyncReport>,
+    home: Home,
+}
+
+impl Shared {
+    /// Replaces the engine by one rebuilt from the store (see the module docs).
+    fn recover(&self, engine: &mut Engine, why: &str) {
+        tracing::warn!("sync state rebuilt from the store: {why}");
+        match restore_engine(&self.store, self.config.clone()) {
+            Ok(mut e) => {
+                e.handle_connectivity(now_ms(), self.online.load(Ordering::Relaxed));
+                *engine = e;
+            }
+            Err(e) => tracing::error!("rebuilding the sync state failed: {e:#}"),
+        }
+        self.wake.notify_one();
+    }
+}
+
+impl CommitSink for Shared {
+    fn local_commit(&self, txs: &[Transaction]) -> Result<(), String> {
+        let mut e = self.engine.lock();
+        for (n, tx) in txs.iter().enumerate() {
+            if let Err(err) = e.handle_local_commit(now_ms(), tx.clone()) {
+                tracing::error!("a local change does not apply to the sync state: {err}");
+                if n > 0 {
+                    self.recover(&mut e, "a local transaction was refused");
+                }
+                return Err(err.to_string());
             }
         }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn commit_failed(&self) {
+        let mut e = self.engine.lock();
+        self.recover(&mut e, "the store refused a local commit");
     }
 }
 
-struct Batch {
-    seqs: Vec<u64>,
-    key: String,
-    body: Vec<u8>,
-}
-
-/// The uploader thread; stops when dropped or [`Uploader::stop`] is called.
-pub struct Uploader {
-    stop: Arc<AtomicBool>,
+/// The running sync driver; stops when [`Syncer::stop`] is called.
+pub struct Syncer {
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Uploader {
-    /// Starts uploading `store`'s outbox when the home holds a login; `None` otherwise
-    /// (the mount then works as a local folder and the outbox waits).
+/// Where the driver sends what the kernel must forget.
+pub type Invalidate = Box<dyn Fn(&[Invalidation]) + Send + Sync>;
+
+impl Syncer {
+    /// Builds the engine from the store and hooks it into the capture layer. Without a
+    /// login the engine only queues local changes (nothing is sent until `deltadrive
+    /// login`); with one, the driver thread starts.
     ///
     /// # Errors
-    /// The login is unreadable or names an unusable server address.
-    pub fn start(store: Arc<Store>, home: &Home) -> anyhow::Result<Option<Uploader>> {
-        if !home.device_file().exists() {
+    /// The store's sync state is unreadable, or the login names an unusable server.
+    pub fn start(
+        core: Arc<FsCore>,
+        home: &Home,
+        device: String,
+        invalidate: Invalidate,
+    ) -> anyhow::Result<Syncer> {
+        let store = Arc::clone(core.store());
+        let config = EngineConfig::new(device, rand::random());
+        let logged_in = home.device_file().exists();
+        let mut engine = restore_engine(&store, config.clone())?;
+        engine.handle_connectivity(now_ms(), false);
+        let shared = Arc::new(Shared {
+            engine: Mutex::new(engine),
+            config,
+            store,
+            online: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+            stop: AtomicBool::new(false),
+            report: Mutex::new(SyncReport::load(home)),
+            home: home.clone(),
+        });
+        core.capture()
+            .set_sink(Arc::clone(&shared) as Arc<dyn CommitSink>);
+        if !logged_in {
             tracing::info!("not logged in: changes stay in the outbox until `deltadrive login`");
-            return Ok(None);
+            return Ok(Syncer {
+                shared,
+                thread: None,
+            });
         }
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = DeviceConfig::load(home)?;
-        let client = config.client()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let home = home.clone();
+        let dc = DeviceConfig::load(home)?;
+        let client = dc.client()?;
+        tracing::info!("syncing with {}", dc.storage_url);
         let thread = {
-            let stop = Arc::clone(&stop);
+            let shared = Arc::clone(&shared);
             std::thread::Builder::new()
-                .name("uploader".into())
+                .name("sync".into())
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
+                    let rt = match tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .thread_name("sync-io")
                         .enable_all()
                         .build()
                     {
                         Ok(rt) => rt,
                         Err(e) => {
-                            tracing::error!("uploader cannot start: {e}");
+                            tracing::error!("sync cannot start: {e}");
                             return;
                         }
                     };
-                    rt.block_on(run(store, client, home, stop));
+                    let driver = Driver {
+                        shared,
+                        core,
+                        client,
+                        invalidate,
+                    };
+                    rt.block_on(driver.run());
                 })?
         };
-        tracing::info!("uploading changes to {}", config.storage_url);
-        Ok(Some(Uploader {
-            stop,
+        Ok(Syncer {
+            shared,
             thread: Some(thread),
-        }))
+        })
     }
 
-    /// Stops after the append in flight, if any, is answered or times out.
+    /// Stops after the request in flight is abandoned; the store keeps everything.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-impl Drop for Uploader {
+impl Drop for Syncer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_one();
     }
 }
 
-fn next_batch(store: &Store) -> anyhow::Result<Option<Batch>> {
-    let mut seqs = Vec::new();
-    let mut txs = Vec::new();
-    let mut bytes = 0u64;
-    for (seq, enc) in store.outbox()? {
-        if !txs.is_empty()
-            && (bytes + enc.len() as u64 > MAX_BATCH_BYTES || txs.len() >= MAX_BATCH_TXS)
-        {
-            break;
-        }
-        bytes += enc.len() as u64;
-        txs.push(decode_transaction(&enc)?);
-        seqs.push(seq);
-    }
-    let Some(first) = txs.first() else {
-        return Ok(None);
-    };
-    let key = hex::encode(first.id);
-    let body = encode_changelog_checked(&ChangeLog { transactions: txs })?;
-    Ok(Some(Batch { seqs, key, body }))
+/// The outcome of one request, fed back into the engine.
+enum Outcome {
+    Uploaded {
+        first: u64,
+        last: u64,
+    },
+    UploadConflict(String),
+    Pulled {
+        entries: Vec<(u64, Transaction)>,
+        head: u64,
+    },
+    Head(u64),
+    Failed(String),
 }
 
-async fn run(store: Arc<Store>, client: Client, home: Home, stop: Arc<AtomicBool>) {
-    let mut report = SyncReport::load(&home);
-    let mut inflight: Option<Batch> = None;
-    let mut backoff = BACKOFF_MIN;
-    let mut retry_at = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        if Instant::now() < retry_at {
-            tokio::time::sleep(IDLE_TICK.min(retry_at - Instant::now())).await;
-            continue;
-        }
-        if inflight.is_none() {
-            match next_batch(&store) {
-                Ok(Some(b)) => inflight = Some(b),
-                Ok(None) => {
-                    tokio::time::sleep(IDLE_TICK).await;
-                    continue;
+struct Driver {
+    shared: Arc<Shared>,
+    core: Arc<FsCore>,
+    client: Client,
+    invalidate: Invalidate,
+}
+
+type InFlight = (RequestId, tokio::task::JoinHandle<Outcome>);
+
+impl Driver {
+    async fn run(self) {
+        let shared = Arc::clone(&self.shared);
+        // Online until a request says otherwise: the engine pulls first.
+        shared.online.store(true, Ordering::Relaxed);
+        let mut pending_actions = self
+            .step(false, |e| e.handle_connectivity(now_ms(), true))
+            .await;
+        let mut inflight: Option<InFlight> = None;
+        loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                if let Some((_, h)) = inflight.take() {
+                    h.abort();
                 }
-                Err(e) => {
-                    tracing::error!("reading the outbox failed: {e:#}");
-                    retry_at = Instant::now() + BACKOFF_MAX;
-                    continue;
+                break;
+            }
+            pending_actions.extend(self.step(false, |_| {}).await);
+            for action in pending_actions.drain(..) {
+                match action {
+                    Action::CancelLongPoll { request } => {
+                        if inflight.as_ref().is_some_and(|(r, _)| *r == request) {
+                            if let Some((_, h)) = inflight.take() {
+                                h.abort();
+                            }
+                        }
+                    }
+                    other => {
+                        if let Some((_, h)) = inflight.take() {
+                            h.abort();
+                        }
+                        inflight = self.start_request(other);
+                    }
+                }
+            }
+            let timeout = shared.engine.lock().poll_timeout();
+            let sleep = match timeout {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+                None => Duration::from_secs(1),
+            };
+            let wait_request = async {
+                match inflight.as_mut() {
+                    Some((_, h)) => Some(h.await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = wait_request => {
+                    let Some((request, _)) = inflight.take() else { continue };
+                    let outcome = match r {
+                        Some(Ok(o)) => o,
+                        Some(Err(e)) => Outcome::Failed(format!("request task: {e}")),
+                        None => continue,
+                    };
+                    let actions = self.feed(request, outcome).await;
+                    pending_actions.extend(actions);
+                }
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {
+                    if timeout.is_some_and(|at| now_ms() >= at) {
+                        pending_actions.extend(self.step(false, |e| e.handle_timeout(now_ms())).await);
+                    }
                 }
             }
         }
-        let Some(batch) = inflight.as_ref() else {
-            continue;
+    }
+
+    fn start_request(&self, action: Action) -> Option<InFlight> {
+        let client = self.client.clone();
+        let r = match action {
+            Action::Upload {
+                request,
+                idempotency_key,
+                transactions,
+            } => {
+                let n = transactions.len();
+                let h = tokio::spawn(async move {
+                    let body = match encode_changelog_checked(&ChangeLog { transactions }) {
+                        Ok(b) => b,
+                        Err(e) => return Outcome::Failed(format!("encoding the upload: {e}")),
+                    };
+                    tracing::debug!("uploading {n} transaction(s), {} bytes", body.len());
+                    match client.append(&idempotency_key, body).await {
+                        Ok(r) => Outcome::Uploaded {
+                            first: r.first_seq,
+                            last: r.last_seq,
+                        },
+                        Err(e) if e.status() == Some(reqwest::StatusCode::CONFLICT) => {
+                            Outcome::UploadConflict(e.to_string())
+                        }
+                        Err(e) => Outcome::Failed(describe(&e)),
+                    }
+                });
+                (request, h)
+            }
+            Action::Pull { request, after } => {
+                let h = tokio::spawn(async move {
+                    match client.read_log(after, PULL_PAGE).await {
+                        Ok(page) => {
+                            let mut entries = Vec::with_capacity(page.entries.len());
+                            for (seq, bytes) in page.entries {
+                                match decode_transaction(&bytes) {
+                                    Ok(tx) => entries.push((seq, tx)),
+                                    Err(e) => {
+                                        return Outcome::Failed(format!(
+                                            "log entry {seq} is unreadable: {e}"
+                                        ))
+                                    }
+                                }
+                            }
+                            Outcome::Pulled {
+                                entries,
+                                head: page.head,
+                            }
+                        }
+                        Err(e) => Outcome::Failed(describe(&e)),
+                    }
+                });
+                (request, h)
+            }
+            Action::LongPoll { request, after } => {
+                let h = tokio::spawn(async move {
+                    match client.wait(after, LONG_POLL).await {
+                        Ok(head) => Outcome::Head(head),
+                        Err(e) => Outcome::Failed(describe(&e)),
+                    }
+                });
+                (request, h)
+            }
+            Action::CancelLongPoll { .. } | Action::Apply(_) => return None,
         };
-        match client.append(&batch.key, batch.body.clone()).await {
-            Ok(r) => {
-                let mut b = store.batch();
-                for seq in &batch.seqs {
-                    b.remove_outbox(*seq);
-                }
-                if let Err(e) = store.commit(b, false) {
-                    tracing::error!("removing uploaded entries from the outbox failed: {e}");
-                }
-                tracing::debug!(
-                    "uploaded {} transaction(s), {} bytes, server seq {}..={}",
-                    batch.seqs.len(),
-                    batch.body.len(),
-                    r.first_seq,
-                    r.last_seq
-                );
-                report.last_upload_ms = Some(now_ms());
-                report.server_seq = Some(r.last_seq);
-                report.last_error = None;
-                report.save(&home);
-                inflight = None;
-                backoff = BACKOFF_MIN;
-            }
-            Err(e) => {
-                let refused = e.status().is_some_and(|s| s.is_client_error());
-                if refused {
-                    tracing::warn!(
-                        "the server refused an upload ({e}); it stays in the outbox. Changes made \
-                         on another device to the same files need the sync engine to rebase them \
-                         (issue #5)"
-                    );
-                    backoff = BACKOFF_MAX;
-                } else {
-                    tracing::info!("upload failed ({e}); retrying in {backoff:?}");
-                }
-                if report.last_error.as_deref() != Some(&e.to_string()) {
-                    report.last_error = Some(e.to_string());
-                    report.save(&home);
-                }
-                retry_at = Instant::now() + backoff;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-        }
+        Some(r)
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+fn describe(e: &ClientError) -> String {
+    match e.status() {
+        Some(s) => format!("the server answered {s}: {e}"),
+        None => format!("the server is unreachable: {e}"),
+    }
+}
+
+impl Driver {
+    /// Runs `f` on the engine under the metadata lock (after sealing everything pending
+    /// when `seal`), executes every apply the engine asks for, and returns the requests to
+    /// start. Kernel caches are invalidated after the lock is released.
+    async fn step(&self, seal: bool, f: impl FnOnce(&mut Engine)) -> Vec<Action> {
+        let (actions, invalidations) = tokio::task::block_in_place(|| {
+            let guard = self.core.sync_lock(seal);
+            let mut e = self.shared.engine.lock();
+            f(&mut e);
+            let mut net = Vec::new();
+            let mut inval = Vec::new();
+            while let Some(action) = e.poll_action() {
+                match action {
+                    Action::Apply(a) => self.execute(&guard, &mut e, &a, &mut inval),
+                    other => net.push(other),
+                }
+            }
+            self.shared.report.lock().observe(&e);
+            (net, inval)
+        });
+        if !invalidations.is_empty() {
+            (self.invalidate)(&invalidations);
+        }
+        self.save_report();
+        actions
+    }
+
+    fn save_report(&self) {
+        let r = self.shared.report.lock().clone();
+        r.save(&self.shared.home);
+    }
+
+    /// Executes one apply; on failure either asks the engine to heal (content) or rebuilds
+    /// the engine from the store (anything else).
+    fn execute(
+        &self,
+        guard: &crate::fs::SyncGuard<'_>,
+        e: &mut Engine,
+        a: &crate::engine::LocalApply,
+        inval: &mut Vec<Invalidation>,
+    ) {
+        let device = e.device().to_string();
+        let handle = tokio::runtime::Handle::current();
+        let client = &self.client;
+        let mut fetch = |id: crate::changelog::ObjectId, version: u64| {
+            let deadline = std::time::Instant::now() + FETCH_DEADLINE;
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match handle.block_on(client.content(&hex::encode(id.0), Some(version), None)) {
+                    Ok(b) => return Ok(b),
+                    Err(err)
+                        if std::time::Instant::now() < deadline
+                            && !err.status().is_some_and(|s| s.is_client_error()) =>
+                    {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(3));
+                    }
+                    Err(err) => return Err(describe(&err)),
+                }
+            }
+        };
+        let started = std::time::Instant::now();
+        match guard.apply(a, &device, now_ms() as i64, &mut fetch) {
+            Ok(applied) => {
+                tracing::debug!(
+                    "applied seq {} from {} ({} op(s), {} change(s)) in {:.2} ms",
+                    a.cursor,
+                    a.transaction.device,
+                    a.transaction.ops.len(),
+                    a.local_changes.len(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                inval.extend(applied.invalidations);
+                if !applied.conflicted.is_empty() {
+                    let mut r = self.shared.report.lock();
+                    for name in &applied.conflicted {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        tracing::warn!("conflicting edits: kept this device's version as {name:?}");
+                        r.add_conflict(name, now_ms() as i64);
+                    }
+                }
+                for tx in applied.copies {
+                    if let Err(err) = e.handle_local_commit(now_ms(), tx) {
+                        self.shared
+                            .recover(e, &format!("a conflicted copy was refused: {err}"));
+                        return;
+                    }
+                }
+            }
+            Err(ApplyError::Content { object, reason }) if !a.heal => {
+                tracing::warn!(
+                    "remote change {} could not be applied to {object} ({reason}); fetching whole content",
+                    a.cursor
+                );
+                e.handle_apply_failed(now_ms(), a.cursor);
+            }
+            Err(err) => {
+                tracing::error!("remote change {} could not be applied: {err}", a.cursor);
+                self.shared.report.lock().last_error =
+                    Some(format!("applying remote change {}: {err}", a.cursor));
+                self.shared.recover(e, "an apply failed");
+                // Give the disk or the network a moment before pulling it again.
+                e.handle_connectivity(now_ms(), false);
+                let shared = Arc::clone(&self.shared);
+                handle.spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    shared.engine.lock().handle_connectivity(now_ms(), true);
+                    shared.wake.notify_one();
+                });
+            }
+        }
+    }
+
+    /// Feeds a request's outcome to the engine.
+    async fn feed(&self, request: RequestId, outcome: Outcome) -> Vec<Action> {
+        let online = !matches!(outcome, Outcome::Failed(_));
+        self.shared.online.store(online, Ordering::Relaxed);
+        {
+            let mut r = self.shared.report.lock();
+            r.online = Some(online);
+            match &outcome {
+                Outcome::Failed(msg) => r.last_error = Some(msg.clone()),
+                Outcome::UploadConflict(_) => {}
+                _ => r.last_error = None,
+            }
+            if let Outcome::Uploaded { last, .. } = &outcome {
+                r.last_upload_ms = Some(now_ms() as i64);
+                r.server_seq = Some(*last);
+            }
+        }
+        match outcome {
+            Outcome::Uploaded { first, last } => {
+                self.step(false, |e| {
+                    e.handle_upload_acked(now_ms(), request, first, last)
+                })
+                .await
+            }
+            Outcome::UploadConflict(msg) => {
+                tracing::info!("upload refused as stale ({msg}); pulling and rebasing");
+                self.step(false, |e| e.handle_upload_conflict(now_ms(), request))
+                    .await
+            }
+            Outcome::Pulled { entries, head } => {
+                let seal = !entries.is_empty();
+                if let Some(last) = entries.last() {
+                    tracing::debug!(
+                        "pulled {} entr(ies) up to {}, head {head}",
+                        entries.len(),
+                        last.0
+                    );
+                }
+                self.step(seal, |e| e.handle_pulled(now_ms(), request, entries, head))
+                    .await
+            }
+            Outcome::Head(head) => {
+                self.step(false, |e| e.handle_long_poll(now_ms(), request, head))
+                    .await
+            }
+            Outcome::Failed(msg) => {
+                tracing::info!("sync request failed: {msg}");
+                self.step(false, |e| e.handle_request_failed(now_ms(), request))
+                    .await
+            }
+        }
+    }
 }

@@ -39,6 +39,13 @@ impl Mounted {
     }
 
     pub fn with_args(extra: &[&str]) -> Mounted {
+        let mut m = Self::unmounted(extra);
+        m.mount();
+        m
+    }
+
+    /// A fresh home and mount point, not mounted yet (to log in first).
+    pub fn unmounted(extra: &[&str]) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("deltadrive-test")
             .tempdir()
@@ -46,14 +53,13 @@ impl Mounted {
         let home = dir.path().join("home");
         let mp = dir.path().join("mnt");
         std::fs::create_dir_all(&mp).unwrap();
-        let mut m = Mounted {
+        let m = Mounted {
             dir,
             home,
             mp,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             mounted: false,
         };
-        m.mount();
         m
     }
 

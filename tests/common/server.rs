@@ -140,10 +140,14 @@ impl TestServer {
     }
 
     fn spawn(&mut self) {
+        self.spawn_on("127.0.0.1:0");
+    }
+
+    fn spawn_on(&mut self, listen: &str) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltadrive"));
-        cmd.arg("server").arg("--listen").arg("127.0.0.1:0");
+        cmd.arg("server").arg("--listen").arg(listen);
         cmd.args(backend_args(&self.data_dir()));
         cmd.args(&self.extra);
         if let Some((c, k, _)) = &self.tls {
@@ -189,6 +193,20 @@ impl TestServer {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Starts the server again on the same data folder and the same address, so logged-in
+    /// devices find it again (after [`TestServer::kill9`] or while running).
+    pub fn restart_same_port(&mut self) {
+        self.kill9();
+        let addr = self
+            .url
+            .split("://")
+            .nth(1)
+            .unwrap_or(&self.url)
+            .trim_end_matches('/')
+            .to_string();
+        self.spawn_on(&addr);
     }
 
     /// Whether the process is still running.

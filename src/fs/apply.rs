@@ -1,0 +1,739 @@
+//! Applying one remote transaction to the mounted tree: the adapter between the sync
+//! engine's [`LocalApply`] and the store.
+//!
+//! What always holds:
+//! - All or nothing. New content is built and checked in staging files first; then a
+//!   journal (fsynced) names each content file about to be replaced; then the files are
+//!   swapped by rename; then one write batch commits the metadata, the engine's state
+//!   (server tree, cursor, outbox) and clears the journal. A failure before the batch
+//!   commits puts the previous content back; a crash there is rolled back at the next open
+//!   ([`crate::store::Store::roll_back_apply_journal`]).
+//! - Runs under the file system's metadata lock with nothing pending (the caller seals
+//!   first), so the engine's local tree and the store agree on every object it touches.
+//! - A file open on this device keeps its content file open: the rename leaves that handle
+//!   on the previous content until it is closed; new opens see the new version.
+//! - What the kernel cached about every changed inode and entry is invalidated afterwards
+//!   (the caller sends [`Invalidation`]s outside the lock).
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use crate::changelog::{ContentHash, ObjectId, ObjectKind, OpKind, Transaction, Version};
+use crate::delta::hash_tree::LeafHashes;
+use crate::delta::{self, BlockSignature};
+use crate::engine::{self, ContentSource, LocalApply, LocalChange, ServerChange};
+use crate::store::engine_state::JournalEntry;
+use crate::store::{
+    FileKind, Inode, ObjectState as PrevState, Store, StoreError, SyncKind, Timespec, ROOT_INO,
+};
+
+use super::FsCore;
+
+/// Largest file content an apply builds in memory.
+pub const MAX_APPLY_CONTENT: u64 = 4 << 30;
+
+/// What the kernel must forget after an apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The attributes and cached pages of an inode.
+    Inode(u64),
+    /// A name in a folder (it appeared, disappeared or points elsewhere).
+    Entry { parent: u64, name: Vec<u8> },
+}
+
+/// Why an apply could not be done. Nothing of it was kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The content could not be built from the local content and the remote ops (the local
+    /// content differs from what the engine expects, or a delta is corrupt): heal by
+    /// fetching.
+    #[error("content of {object}: {reason}")]
+    Content { object: ObjectId, reason: String },
+    /// Content could not be fetched from the server.
+    #[error("fetching the content of {object}: {reason}")]
+    Fetch { object: ObjectId, reason: String },
+    /// The store or the disk failed (disk full, I/O error).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The result of a successful apply.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The copy transactions now in the outbox, to hand to the engine in order.
+    pub copies: Vec<Transaction>,
+    pub invalidations: Vec<Invalidation>,
+    /// Conflicted copies made by this apply (their names).
+    pub conflicted: Vec<Vec<u8>>,
+}
+
+/// Fetches `GET /v1/objects/{id}/content?version=V` (the caller checks nothing: the apply
+/// checks the hash).
+pub type Fetcher<'a> = dyn FnMut(ObjectId, Version) -> Result<Vec<u8>, String> + 'a;
+
+fn file_kind(k: &ObjectKind) -> FileKind {
+    match k {
+        ObjectKind::File => FileKind::File,
+        ObjectKind::Directory => FileKind::Directory,
+        ObjectKind::Symlink { .. } => FileKind::Symlink,
+    }
+}
+
+fn sync_kind(k: &ObjectKind) -> SyncKind {
+    match k {
+        ObjectKind::File => SyncKind::File,
+        ObjectKind::Directory => SyncKind::Directory,
+        ObjectKind::Symlink { .. } => SyncKind::Symlink,
+    }
+}
+
+fn timespec(ns: i64) -> Timespec {
+    Timespec {
+        secs: ns.div_euclid(1_000_000_000),
+        nsec: ns.rem_euclid(1_000_000_000) as u32,
+    }
+}
+
+/// The engine's view of an object as the capture layer's previous state.
+fn prev_state(s: &engine::ObjectState, old: Option<&PrevState>) -> PrevState {
+    PrevState {
+        version: s.version,
+        kind: sync_kind(&s.kind),
+        parent: s.parent,
+        name: s.name.0.clone(),
+        mode: s.mode,
+        mtime_ns: s.mtime_ns,
+        hash: s.hash,
+        size: s.size,
+        strategy: old.map(|o| o.strategy).unwrap_or(0),
+        last_ratio_permille: old.map(|o| o.last_ratio_permille).unwrap_or(0),
+        xattrs: s
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+fn read_content(store: &Store, ino: u64, size_hint: u64) -> Result<Vec<u8>, ApplyError> {
+    if size_hint > MAX_APPLY_CONTENT {
+        return Err(ApplyError::Content {
+            object: ObjectId::ROOT,
+            reason: format!("{size_hint} bytes is more than an apply builds in memory"),
+        });
+    }
+    match std::fs::read(store.content_path(ino)) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the `Write`/`Truncate` ops of a remote transaction to `base`.
+fn apply_ops(object: ObjectId, mut content: Vec<u8>, ops: &[OpKind]) -> Result<Vec<u8>, String> {
+    let limit = usize::try_from(MAX_APPLY_CONTENT).unwrap_or(usize::MAX);
+    for op in ops {
+        match op {
+            OpKind::Write {
+                base_hash,
+                new_hash,
+                new_size,
+                delta,
+            } => {
+                content =
+                    delta::apply_checked(&content, base_hash, delta, new_hash, *new_size, limit)
+                        .map_err(|e| e.to_string())?;
+            }
+            OpKind::Truncate { new_size, new_hash } => {
+                let n = usize::try_from(*new_size).map_err(|_| "size too large".to_string())?;
+                if *new_size > MAX_APPLY_CONTENT {
+                    return Err("size too large".into());
+                }
+                content.resize(n, 0);
+                if blake3::hash(&content).as_bytes() != new_hash {
+                    return Err(format!("truncate of {object} does not give its hash"));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(content)
+}
+
+struct Staged {
+    ino: u64,
+    object: ObjectId,
+    content: Vec<u8>,
+}
+
+impl FsCore {
+    /// Applies one remote transaction (see the module docs). Call with the metadata lock
+    /// held ([`FsCore::sync_lock`]) and nothing pending.
+    ///
+    /// # Errors
+    /// [`ApplyError`]; nothing was changed then.
+    pub(crate) fn apply_remote(
+        &self,
+        a: &LocalApply,
+        device: &str,
+        now_ms: i64,
+        fetch: &mut Fetcher<'_>,
+    ) -> Result<Applied, ApplyError> {
+        let store = &*self.store;
+        let mut out = Applied::default();
+        let now = Timespec::now();
+
+        // 1. Copies read their source before anything changes.
+        let mut copy_content = Vec::with_capacity(a.copies.len());
+        for c in &a.copies {
+            let content = match store.ino_of_object(&c.source)? {
+                Some(ino) => read_content(store, ino, c.source_size)?,
+                None => Vec::new(),
+            };
+            copy_content.push(content);
+        }
+
+        // 2. New content, built and checked in memory.
+        let mut inos: HashMap<ObjectId, u64> = HashMap::new();
+        let mut inodes: HashMap<u64, Inode> = HashMap::new();
+        let mut new_objects: Vec<ObjectId> = Vec::new();
+        let mut b = store.batch();
+        let mut staged: Vec<Staged> = Vec::new();
+        for ch in &a.local_changes {
+            let LocalChange::Put { state, content } = ch else {
+                continue;
+            };
+            let existing = match store.ino_of_object(&state.id)? {
+                Some(ino) => store.get_inode(ino)?.filter(|i| i.object == state.id),
+                None => None,
+            };
+            let ino = match &existing {
+                Some(i) => i.ino,
+                None => {
+                    let ino = store.allocate_ino(&mut b);
+                    new_objects.push(state.id);
+                    ino
+                }
+            };
+            inos.insert(state.id, ino);
+            if let Some(i) = existing {
+                inodes.insert(ino, i);
+            }
+            if !state.is_file() {
+                continue;
+            }
+            let bytes = match content {
+                ContentSource::Unchanged => continue,
+                ContentSource::Ops(ops) => {
+                    let base = if inodes.contains_key(&ino) {
+                        read_content(store, ino, state.size.max(inodes[&ino].size))?
+                    } else {
+                        Vec::new()
+                    };
+                    apply_ops(state.id, base, ops).map_err(|reason| ApplyError::Content {
+                        object: state.id,
+                        reason,
+                    })?
+                }
+                ContentSource::Fetch { version, hash } => {
+                    let bytes = fetch(state.id, *version).map_err(|reason| ApplyError::Fetch {
+                        object: state.id,
+                        reason,
+                    })?;
+                    check_hash(state.id, &bytes, hash)?;
+                    bytes
+                }
+            };
+            check_hash(state.id, &bytes, &state.hash)?;
+            staged.push(Staged {
+                ino,
+                object: state.id,
+                content: bytes,
+            });
+        }
+
+        // 3. Metadata: removals, then moves and new objects, in one batch.
+        let mut removed_inos: Vec<Inode> = Vec::new();
+        // Entries as they will be after the batch: (parent ino, name) -> ino (None: gone).
+        let mut entries: HashMap<(u64, Vec<u8>), Option<u64>> = HashMap::new();
+        let mut parents_touched: HashSet<u64> = HashSet::new();
+        let mut nlink_delta: HashMap<u64, i64> = HashMap::new();
+        for ch in &a.local_changes {
+            let LocalChange::Remove(id) = ch else {
+                continue;
+            };
+            let Some(ino) = store.ino_of_object(id)? else {
+                continue;
+            };
+            let Some(i) = store.get_inode(ino)?.filter(|i| i.object == *id) else {
+                continue;
+            };
+            b.delete_dirent(i.parent, &i.name);
+            entries.insert((i.parent, i.name.clone()), None);
+            parents_touched.insert(i.parent);
+            if i.kind == FileKind::Directory {
+                *nlink_delta.entry(i.parent).or_insert(0) -= 1;
+            }
+            out.invalidations.push(Invalidation::Entry {
+                parent: i.parent,
+                name: i.name.clone(),
+            });
+            b.delete_object_state(id);
+            b.clear_pending(id);
+            self.capture.drop_pending(id);
+            removed_inos.push(i);
+        }
+        // Detach every moved object from its old place first.
+        let mut placements: Vec<(ObjectId, u64, Vec<u8>)> = Vec::new();
+        for ch in &a.local_changes {
+            let LocalChange::Put { state, .. } = ch else {
+                continue;
+            };
+            if state.id == ObjectId::ROOT {
+                continue;
+            }
+            let ino = inos[&state.id];
+            let parent_ino = self.resolve_parent(state.parent, &inos)?;
+            if let Some(i) = inodes.get(&ino) {
+                if i.parent == parent_ino && i.name == state.name.0 {
+                    continue;
+                }
+                b.delete_dirent(i.parent, &i.name);
+                entries.insert((i.parent, i.name.clone()), None);
+                parents_touched.insert(i.parent);
+                out.invalidations.push(Invalidation::Entry {
+                    parent: i.parent,
+                    name: i.name.clone(),
+                });
+                if i.kind == FileKind::Directory {
+                    *nlink_delta.entry(i.parent).or_insert(0) -= 1;
+                }
+            }
+            placements.push((state.id, parent_ino, state.name.0.clone()));
+        }
+        for ch in &a.local_changes {
+            let LocalChange::Put { state, .. } = ch else {
+                continue;
+            };
+            let ino = inos[&state.id];
+            let (parent_ino, name) = if state.id == ObjectId::ROOT {
+                (ROOT_INO, Vec::new())
+            } else {
+                (
+                    self.resolve_parent(state.parent, &inos)?,
+                    state.name.0.clone(),
+                )
+            };
+            let mut i = inodes.remove(&ino).unwrap_or_else(|| {
+                let root = store.get_inode(ROOT_INO).ok().flatten();
+                Inode {
+                    ino,
+                    object: state.id,
+                    kind: file_kind(&state.kind),
+                    perm: 0,
+                    uid: root.as_ref().map(|r| r.uid).unwrap_or(0),
+                    gid: root.as_ref().map(|r| r.gid).unwrap_or(0),
+                    nlink: if state.is_dir() { 2 } else { 1 },
+                    size: 0,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    crtime: now,
+                    rdev: 0,
+                    parent: parent_ino,
+                    flags: 0,
+                    symlink: Vec::new(),
+                    name: Vec::new(),
+                }
+            });
+            if i.kind != file_kind(&state.kind) {
+                return Err(ApplyError::Content {
+                    object: state.id,
+                    reason: "the object changed its kind".into(),
+                });
+            }
+            i.perm = (state.mode & 0o7777) as u16;
+            if !state.is_dir() {
+                i.mtime = timespec(state.mtime_ns);
+            }
+            i.ctime = now;
+            match &state.kind {
+                ObjectKind::File => i.size = state.size,
+                ObjectKind::Symlink { target } => {
+                    i.symlink = target.clone();
+                    i.size = target.len() as u64;
+                }
+                ObjectKind::Directory => {}
+            }
+            i.parent = parent_ino;
+            i.name = name;
+            // Xattrs: exactly the engine's set.
+            let current: HashSet<Vec<u8>> = store.list_xattrs(ino)?.into_iter().collect();
+            for n in &current {
+                if !state.xattrs.contains_key(n) {
+                    b.delete_xattr(ino, n);
+                }
+            }
+            for (n, v) in &state.xattrs {
+                b.put_xattr(ino, n, v);
+            }
+            inodes.insert(ino, i);
+            let old = store.object_state(&state.id)?;
+            b.put_object_state(&state.id, &prev_state(state, old.as_ref()));
+            b.clear_pending(&state.id);
+            out.invalidations.push(Invalidation::Inode(ino));
+        }
+        // Copies: new objects (or a file coming back under its own id).
+        let mut copy_txs = Vec::with_capacity(a.copies.len());
+        for (c, content) in a.copies.iter().zip(copy_content) {
+            let tx = c.transaction(device, now_ms, content.clone());
+            let existing = match store.ino_of_object(&c.target.id)? {
+                Some(ino) => store.get_inode(ino)?.filter(|i| i.object == c.target.id),
+                None => None,
+            };
+            let parent_ino = self.resolve_parent(c.target.parent, &inos)?;
+            let mut i = match existing {
+                Some(i) => {
+                    if i.parent != parent_ino || i.name != c.target.name.0 {
+                        b.delete_dirent(i.parent, &i.name);
+                        entries.insert((i.parent, i.name.clone()), None);
+                        parents_touched.insert(i.parent);
+                        out.invalidations.push(Invalidation::Entry {
+                            parent: i.parent,
+                            name: i.name.clone(),
+                        });
+                    }
+                    i
+                }
+                None => {
+                    let ino = store.allocate_ino(&mut b);
+                    let root = store.get_inode(ROOT_INO)?;
+                    Inode {
+                        ino,
+                        object: c.target.id,
+                        kind: FileKind::File,
+                        perm: 0,
+                        uid: root.as_ref().map(|r| r.uid).unwrap_or(0),
+                        gid: root.as_ref().map(|r| r.gid).unwrap_or(0),
+                        nlink: 1,
+                        size: 0,
+                        atime: now,
+                        mtime: now,
+                        ctime: now,
+                        crtime: now,
+                        rdev: 0,
+                        parent: parent_ino,
+                        flags: 0,
+                        symlink: Vec::new(),
+                        name: Vec::new(),
+                    }
+                }
+            };
+            i.perm = (c.target.mode & 0o7777) as u16;
+            i.mtime = timespec(c.target.mtime_ns);
+            i.ctime = now;
+            i.size = content.len() as u64;
+            i.parent = parent_ino;
+            i.name = c.target.name.0.clone();
+            for n in store.list_xattrs(i.ino)? {
+                if !c.target.xattrs.contains_key(&n) {
+                    b.delete_xattr(i.ino, &n);
+                }
+            }
+            for (n, v) in &c.target.xattrs {
+                b.put_xattr(i.ino, n, v);
+            }
+            let mut st = c.target.clone();
+            st.version = tx.ops.len() as u64;
+            st.hash = *blake3::hash(&content).as_bytes();
+            st.size = content.len() as u64;
+            b.put_object_state(&st.id, &prev_state(&st, None));
+            b.clear_pending(&st.id);
+            placements.push((st.id, parent_ino, st.name.0.clone()));
+            inos.insert(st.id, i.ino);
+            out.invalidations.push(Invalidation::Inode(i.ino));
+            if c.target.id != c.source {
+                out.conflicted.push(c.target.name.0.clone());
+            }
+            staged.push(Staged {
+                ino: i.ino,
+                object: st.id,
+                content,
+            });
+            inodes.insert(i.ino, i);
+            copy_txs.push(tx);
+        }
+        // Place every moved or new object; a local-only entry in the way steps aside.
+        for (id, parent_ino, name) in &placements {
+            let ino = inos[id];
+            let taken = match entries.get(&(*parent_ino, name.clone())) {
+                Some(Some(other)) => Some(*other),
+                Some(None) => None,
+                None => store.lookup(*parent_ino, name)?.map(|(i, _)| i),
+            };
+            if let Some(other) = taken.filter(|o| *o != ino) {
+                self.step_aside(&mut b, other, *parent_ino, name, &mut entries, &mut out)?;
+            }
+            let i = &inodes[&ino];
+            b.put_dirent(*parent_ino, name, ino, i.kind);
+            entries.insert((*parent_ino, name.clone()), Some(ino));
+            parents_touched.insert(*parent_ino);
+            if i.kind == FileKind::Directory {
+                *nlink_delta.entry(*parent_ino).or_insert(0) += 1;
+            }
+            out.invalidations.push(Invalidation::Entry {
+                parent: *parent_ino,
+                name: name.clone(),
+            });
+        }
+        for i in inodes.values() {
+            b.put_inode(i);
+        }
+        for p in &parents_touched {
+            let mut pi = match inodes.get(p) {
+                Some(i) => i.clone(),
+                None => match store.get_inode(*p)? {
+                    Some(i) => i,
+                    None => continue,
+                },
+            };
+            if removed_inos.iter().any(|r| r.ino == *p) {
+                continue;
+            }
+            let d = nlink_delta.get(p).copied().unwrap_or(0);
+            pi.nlink = (i64::from(pi.nlink) + d).max(2) as u32;
+            pi.mtime = now;
+            pi.ctime = now;
+            b.put_inode(&pi);
+            out.invalidations.push(Invalidation::Inode(*p));
+        }
+        let mut delete_content = Vec::new();
+        for i in &removed_inos {
+            if i.kind == FileKind::Directory || !self.is_open(i.ino) {
+                b.delete_inode(i)?;
+                self.capture.forget(i.ino);
+                delete_content.push(i.ino);
+            } else {
+                let mut orphan = i.clone();
+                orphan.nlink = 0;
+                orphan.ctime = now;
+                b.put_inode(&orphan);
+                b.delete_object_index(&i.object);
+                b.mark_orphan(i.ino);
+            }
+            out.invalidations.push(Invalidation::Inode(i.ino));
+        }
+        for s in &staged {
+            self.capture.forget(s.ino);
+            b.put_leaves(&s.object, &LeafHashes::of(&s.content).encode());
+            if s.content.len() as u64 > delta::strategy::SMALL_FILE_MAX {
+                b.put_signature(&s.object, &BlockSignature::calculate(&s.content).to_bytes());
+            } else {
+                b.delete_signature(&s.object);
+            }
+        }
+
+        // 4. The engine's state.
+        if !a.acknowledged.is_empty() || a.outbox.is_some() {
+            let seqs = store.outbox_seqs(usize::MAX)?;
+            let drop_n = if a.outbox.is_some() {
+                seqs.len()
+            } else {
+                a.acknowledged.len().min(seqs.len())
+            };
+            for s in &seqs[..drop_n] {
+                b.remove_outbox(*s);
+            }
+            if let Some(rest) = &a.outbox {
+                for t in rest {
+                    b.push_outbox(t)?;
+                }
+            }
+        }
+        for t in &copy_txs {
+            b.push_outbox(t)?;
+        }
+        for sc in &a.server_changes {
+            match sc {
+                ServerChange::Put(s) => b.put_server_object(s),
+                ServerChange::Remove(id) => b.delete_server_object(id),
+            }
+        }
+        b.set_sync_cursor(a.cursor);
+
+        // 5. Swap content files (journaled), then commit.
+        let swapped = self.swap_content(&staged)?;
+        if !swapped.is_empty() {
+            b.clear_apply_journal();
+        }
+        if let Err(e) = store.commit(b, true) {
+            if let Err(e2) = store.roll_back_apply_journal() {
+                tracing::error!("rolling back content after a failed apply failed: {e2}");
+            }
+            return Err(e.into());
+        }
+        for e in &swapped {
+            if let Some(k) = &e.kept {
+                let _ = std::fs::remove_file(k);
+            }
+        }
+        for ino in delete_content {
+            let _ = store.remove_content(ino);
+        }
+        {
+            let mut replaced = self.replaced.lock();
+            for s in &staged {
+                replaced.insert(s.ino);
+            }
+        }
+        out.copies = copy_txs;
+        Ok(out)
+    }
+
+    fn resolve_parent(
+        &self,
+        parent: ObjectId,
+        inos: &HashMap<ObjectId, u64>,
+    ) -> Result<u64, ApplyError> {
+        if parent == ObjectId::ROOT {
+            return Ok(ROOT_INO);
+        }
+        if let Some(i) = inos.get(&parent) {
+            return Ok(*i);
+        }
+        self.store
+            .ino_of_object(&parent)?
+            .ok_or_else(|| ApplyError::Content {
+                object: parent,
+                reason: "parent folder missing on this device".into(),
+            })
+    }
+
+    /// Moves a local entry that is not part of the apply (an ignored or not yet announced
+    /// file) out of the way, to a free name beside it; it stays pending.
+    fn step_aside(
+        &self,
+        b: &mut crate::store::Batch<'_>,
+        ino: u64,
+        parent: u64,
+        name: &[u8],
+        entries: &mut HashMap<(u64, Vec<u8>), Option<u64>>,
+        out: &mut Applied,
+    ) -> Result<(), ApplyError> {
+        let Some(mut i) = self.store.get_inode(ino)? else {
+            return Ok(());
+        };
+        let mut n = 1;
+        let new_name = loop {
+            let mut cand = name.to_vec();
+            cand.extend_from_slice(format!(" (local {n})").as_bytes());
+            let free = match entries.get(&(parent, cand.clone())) {
+                Some(e) => e.is_none(),
+                None => self.store.lookup(parent, &cand)?.is_none(),
+            };
+            if free {
+                break cand;
+            }
+            n += 1;
+        };
+        tracing::warn!(
+            "a remote change takes the name {:?}; the local entry there is now {:?}",
+            String::from_utf8_lossy(name),
+            String::from_utf8_lossy(&new_name)
+        );
+        b.delete_dirent(parent, name);
+        b.put_dirent(parent, &new_name, ino, i.kind);
+        entries.insert((parent, new_name.clone()), Some(ino));
+        if i.parent == parent && i.name == name {
+            i.name = new_name.clone();
+            i.ctime = Timespec::now();
+            b.put_inode(&i);
+        }
+        self.capture.touch(b, &i, false);
+        out.invalidations.push(Invalidation::Entry {
+            parent,
+            name: new_name,
+        });
+        out.invalidations.push(Invalidation::Inode(ino));
+        Ok(())
+    }
+
+    /// Writes staged content and swaps it in, journaled; returns the journal.
+    fn swap_content(&self, staged: &[Staged]) -> Result<Vec<JournalEntry>, ApplyError> {
+        if staged.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = &*self.store;
+        let dir = store.staging_dir();
+        std::fs::create_dir_all(&dir)?;
+        let mut files = Vec::with_capacity(staged.len());
+        for s in staged {
+            let path: PathBuf = dir.join(format!("{:016x}.new", s.ino));
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)?;
+            write_sparse(&f, &s.content)?;
+            f.sync_data()?;
+            files.push(path);
+        }
+        let mut journal = Vec::with_capacity(staged.len());
+        for s in staged {
+            let path = store.content_path(s.ino);
+            let kept = path
+                .exists()
+                .then(|| dir.join(format!("{:016x}.old", s.ino)));
+            journal.push(JournalEntry { path, kept });
+        }
+        store.write_apply_journal(&journal)?;
+        let result = (|| -> Result<(), ApplyError> {
+            for ((e, new), _) in journal.iter().zip(&files).zip(staged) {
+                if let Some(k) = &e.kept {
+                    let _ = std::fs::remove_file(k);
+                    std::fs::hard_link(&e.path, k)?;
+                }
+                if let Some(parent) = e.path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(new, &e.path)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if let Err(e2) = store.roll_back_apply_journal() {
+                tracing::error!("rolling back content after a failed apply failed: {e2}");
+            }
+            return Err(e);
+        }
+        Ok(journal)
+    }
+}
+
+fn check_hash(object: ObjectId, content: &[u8], hash: &ContentHash) -> Result<(), ApplyError> {
+    if blake3::hash(content).as_bytes() != hash {
+        return Err(ApplyError::Content {
+            object,
+            reason: "the content does not have the expected hash".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `content`, leaving runs of zeros of 64 KiB and more as holes.
+fn write_sparse(f: &std::fs::File, content: &[u8]) -> std::io::Result<()> {
+    const BLOCK: usize = 64 << 10;
+    let mut off = 0;
+    while off < content.len() {
+        let end = (off + BLOCK).min(content.len());
+        let chunk = &content[off..end];
+        if chunk.len() < BLOCK || chunk.iter().any(|b| *b != 0) {
+            f.write_all_at(chunk, off as u64)?;
+        }
+        off = end;
+    }
+    f.set_len(content.len() as u64)
+}

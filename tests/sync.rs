@@ -1,0 +1,511 @@
+//! Sync end to end: a real server process and two or three real mounts (separate homes)
+//! logged in as devices of one user. Every change made through one mount must show up,
+//! byte for byte and with its attributes, through the others, without a remount; offline
+//! and conflicting changes must converge without losing a saved version.
+//!
+//! On a failure every test prints the logs of the server and of every mount.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::server::TestServer;
+use common::{run, Mounted};
+
+/// How long a change may take to travel in these tests (the machines are shared and slow;
+/// the latency itself is measured by the benchmark harness, not here).
+const LIMIT: Duration = Duration::from_secs(45);
+
+/// One entry of a mounted tree, as a user sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir {
+        mode: u32,
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    File {
+        mode: u32,
+        size: u64,
+        hash: String,
+        mtime_ns: i64,
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    Symlink(PathBuf),
+}
+
+fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(names) = xattr_list(p) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Vec<u8>)> = names
+        .into_iter()
+        .filter(|n| n.starts_with("user.") && n != "user.deltadrive.status")
+        .filter_map(|n| xattr_get(p, &n).map(|v| (n, v)))
+        .collect();
+    out.sort();
+    out
+}
+
+fn xattr_list(p: &Path) -> std::io::Result<Vec<String>> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: valid path and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect())
+}
+
+fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: valid strings and buffer.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return None;
+    }
+    buf.truncate(r as usize);
+    Some(buf)
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid strings and buffer.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr {name} on {}", p.display());
+}
+
+/// The whole tree under `root` (relative paths).
+fn tree(root: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let ft = md.file_type();
+            let entry = if ft.is_symlink() {
+                Entry::Symlink(fs::read_link(&p).unwrap_or_default())
+            } else if ft.is_dir() {
+                stack.push(p.clone());
+                Entry::Dir {
+                    mode: md.mode() & 0o7777,
+                    xattrs: user_xattrs(&p),
+                }
+            } else {
+                let content = fs::read(&p).unwrap_or_default();
+                Entry::File {
+                    mode: md.mode() & 0o7777,
+                    size: md.len(),
+                    hash: blake3::hash(&content).to_hex().to_string(),
+                    mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                    xattrs: user_xattrs(&p),
+                }
+            };
+            out.insert(rel, entry);
+        }
+    }
+    out
+}
+
+/// A server and devices of one user; prints every log when a test fails.
+struct Cluster {
+    srv: TestServer,
+    devices: Vec<Mounted>,
+    pw: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        let srv = TestServer::start();
+        let pw = tempfile::tempdir().unwrap();
+        fs::write(pw.path().join("admin.token"), &srv.admin_token).unwrap();
+        fs::write(pw.path().join("pw"), "correct horse battery staple").unwrap();
+        let mut c = Cluster {
+            srv,
+            devices: Vec::new(),
+            pw,
+        };
+        let out = run(&[
+            "admin",
+            "--server",
+            &c.srv.url,
+            "--admin-token-file",
+            c.pw.path().join("admin.token").to_str().unwrap(),
+            "user",
+            "add",
+            "ann",
+            "--password-file",
+            c.pw.path().join("pw").to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for i in 0..n {
+            c.add_device(&format!("dev{i}"));
+        }
+        c
+    }
+
+    /// Logs a new device in and mounts it.
+    fn add_device(&mut self, name: &str) -> usize {
+        let mut m = Mounted::unmounted(&["--quiet-ms", "100"]);
+        let out = run(&[
+            "login",
+            "--server",
+            &self.srv.url,
+            "--user",
+            "ann",
+            "--password-file",
+            self.pw.path().join("pw").to_str().unwrap(),
+            "--device",
+            name,
+            "--home",
+            m.home.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        m.mount();
+        self.devices.push(m);
+        self.devices.len() - 1
+    }
+
+    fn p(&self, dev: usize, rel: &str) -> PathBuf {
+        self.devices[dev].path(rel)
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        self.srv.print_logs();
+        for d in &self.devices {
+            d.dump_logs();
+        }
+        panic!("{what}");
+    }
+
+    /// Waits until `ok` holds.
+    fn wait(&self, what: &str, ok: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            if start.elapsed() > LIMIT {
+                self.fail(&format!("{what}: not within {LIMIT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every mounted device shows the same tree and has nothing left to send;
+    /// returns that tree.
+    fn converge(&self, what: &str) -> BTreeMap<String, Entry> {
+        let start = Instant::now();
+        loop {
+            let trees: Vec<_> = self.devices.iter().map(|d| tree(&d.mp)).collect();
+            let same = trees.windows(2).all(|w| w[0] == w[1]);
+            if same && self.devices.iter().all(|d| pending(&d.home) == 0) {
+                // Stable for a moment (nothing still arriving).
+                std::thread::sleep(Duration::from_millis(300));
+                let again: Vec<_> = self.devices.iter().map(|d| tree(&d.mp)).collect();
+                if again == trees {
+                    return trees.into_iter().next().unwrap_or_default();
+                }
+                continue;
+            }
+            if start.elapsed() > LIMIT {
+                for (i, t) in trees.iter().enumerate() {
+                    eprintln!("--- tree of dev{i} ---");
+                    for (k, v) in t {
+                        eprintln!("{k}: {v:?}");
+                    }
+                }
+                self.fail(&format!(
+                    "{what}: devices did not converge within {LIMIT:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn pending(home: &Path) -> u64 {
+    let out = run(&["status", "--home", home.to_str().unwrap(), "--json"]);
+    if !out.status.success() {
+        return u64::MAX;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["pending_uploads"]["count"].as_u64().unwrap_or(u64::MAX)
+}
+
+fn status_json(home: &Path) -> serde_json::Value {
+    let out = run(&["status", "--home", home.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn write_at(p: &Path, offset: u64, data: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+#[test]
+fn changes_flow_both_ways_and_show_without_a_remount() {
+    let c = Cluster::new(2);
+    // A -> B: folders, files, a symlink, modes, xattrs.
+    fs::create_dir_all(c.p(0, "docs/deep/er")).unwrap();
+    fs::write(c.p(0, "docs/a.txt"), b"hello from a").unwrap();
+    fs::write(c.p(0, "docs/deep/er/b.bin"), vec![7u8; 300_000]).unwrap();
+    std::os::unix::fs::symlink("docs/a.txt", c.p(0, "link")).unwrap();
+    fs::set_permissions(c.p(0, "docs/a.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    xattr_set(&c.p(0, "docs/a.txt"), "user.tag", b"blue");
+    let t = c.converge("create on A");
+    assert!(
+        matches!(t.get("docs/a.txt"), Some(Entry::File { mode: 0o600, .. })),
+        "{t:?}"
+    );
+    assert_eq!(fs::read(c.p(1, "link")).unwrap(), b"hello from a");
+    assert_eq!(
+        xattr_get(&c.p(1, "docs/a.txt"), "user.tag").as_deref(),
+        Some(&b"blue"[..])
+    );
+
+    // B reads a file (the kernel caches it), A changes it in place: B must see the new bytes.
+    let before = fs::read(c.p(1, "docs/deep/er/b.bin")).unwrap();
+    assert_eq!(before.len(), 300_000);
+    write_at(&c.p(0, "docs/deep/er/b.bin"), 1000, b"XYZ");
+    c.wait("in-place edit visible on B", || {
+        fs::read(c.p(1, "docs/deep/er/b.bin"))
+            .unwrap_or_default()
+            .get(1000..1003)
+            == Some(b"XYZ")
+    });
+
+    // B -> A: in-place edit, append, truncate, temp+rename, move across folders, delete.
+    write_at(&c.p(1, "docs/a.txt"), 0, b"HELLO");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(c.p(1, "docs/deep/er/b.bin"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"appended").unwrap();
+    drop(f);
+    fs::write(c.p(1, "docs/trunc.txt"), b"0123456789").unwrap();
+    c.converge("edits on B");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(c.p(1, "docs/trunc.txt"))
+        .unwrap()
+        .set_len(4)
+        .unwrap();
+    fs::write(c.p(1, "docs/.a.txt.tmp"), b"saved by an editor").unwrap();
+    fs::rename(c.p(1, "docs/.a.txt.tmp"), c.p(1, "docs/a.txt")).unwrap();
+    fs::create_dir(c.p(1, "moved")).unwrap();
+    fs::rename(c.p(1, "docs/deep"), c.p(1, "moved/deep")).unwrap();
+    fs::remove_file(c.p(1, "link")).unwrap();
+    fs::set_permissions(c.p(1, "docs"), fs::Permissions::from_mode(0o750)).unwrap();
+    let t = c.converge("edits on B");
+    assert_eq!(
+        fs::read(c.p(0, "docs/a.txt")).unwrap(),
+        b"saved by an editor"
+    );
+    assert_eq!(fs::read(c.p(0, "docs/trunc.txt")).unwrap(), b"0123");
+    let b = fs::read(c.p(0, "moved/deep/er/b.bin")).unwrap();
+    assert_eq!(b.len(), 300_008);
+    assert_eq!(&b[1000..1003], b"XYZ");
+    assert!(b.ends_with(b"appended"));
+    assert!(!c.p(0, "link").exists() && !c.p(0, "docs/deep").exists());
+    assert!(
+        matches!(t.get("docs"), Some(Entry::Dir { mode: 0o750, .. })),
+        "{t:?}"
+    );
+
+    // 1,000 small files from A, then a whole tree removed on B.
+    fs::create_dir(c.p(0, "many")).unwrap();
+    for i in 0..1000 {
+        fs::write(c.p(0, &format!("many/f{i:04}")), format!("file {i}")).unwrap();
+    }
+    let t = c.converge("1,000 files from A");
+    assert_eq!(t.keys().filter(|k| k.starts_with("many/")).count(), 1000);
+    assert_eq!(
+        fs::read_to_string(c.p(1, "many/f0999")).unwrap(),
+        "file 999"
+    );
+    fs::remove_dir_all(c.p(1, "moved")).unwrap();
+    fs::remove_dir_all(c.p(1, "many")).unwrap();
+    let t = c.converge("rm -r on B");
+    assert!(
+        !t.keys()
+            .any(|k| k.starts_with("many") || k.starts_with("moved")),
+        "{t:?}"
+    );
+}
+
+/// Names in `dir` that contain `needle`.
+fn names_with(dir: &Path, needle: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(needle))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn offline_edits_on_both_sides_converge_without_losing_a_version() {
+    let mut c = Cluster::new(2);
+    fs::write(c.p(0, "report.txt"), b"version 0").unwrap();
+    fs::write(c.p(0, "plan.txt"), b"plan 0").unwrap();
+    fs::write(c.p(0, "notes.txt"), b"notes 0").unwrap();
+    fs::create_dir(c.p(0, "shared")).unwrap();
+    fs::write(c.p(0, "shared/x.txt"), b"x").unwrap();
+    c.converge("initial tree");
+
+    // The server goes away; both devices keep working.
+    c.srv.kill9();
+    fs::write(c.p(0, "report.txt"), b"version A, longer").unwrap();
+    fs::write(c.p(1, "report.txt"), b"version B").unwrap();
+    fs::remove_file(c.p(0, "plan.txt")).unwrap();
+    fs::write(c.p(1, "plan.txt"), b"plan edited on B").unwrap();
+    fs::write(c.p(0, "notes.txt"), b"notes edited on A").unwrap();
+    fs::remove_file(c.p(1, "notes.txt")).unwrap();
+    fs::write(c.p(0, "only-a.txt"), b"new on A").unwrap();
+    fs::write(c.p(1, "only-b.txt"), b"new on B").unwrap();
+    fs::write(c.p(1, "shared/y.txt"), b"y").unwrap();
+    // Both offline edits are saved locally and waiting.
+    c.wait("changes queued on both devices", || {
+        pending(&c.devices[0].home) > 0 && pending(&c.devices[1].home) > 0
+    });
+    let st = status_json(&c.devices[1].home);
+    assert!(st["pending_uploads"]["bytes"].as_u64().unwrap() > 0, "{st}");
+
+    c.srv.restart_same_port();
+    let t = c.converge("after reconnecting");
+    // edit/edit: one version at the path, the other in a conflicted copy, on both devices.
+    let copies = names_with(&c.p(0, ""), "report (conflicted copy");
+    assert_eq!(copies.len(), 1, "{t:#?}");
+    let at_path = fs::read(c.p(0, "report.txt")).unwrap();
+    let in_copy = fs::read(c.p(0, &copies[0])).unwrap();
+    let mut both = vec![at_path, in_copy];
+    both.sort();
+    assert_eq!(
+        both,
+        vec![b"version A, longer".to_vec(), b"version B".to_vec()]
+    );
+    // edit beats delete, in both orders.
+    assert_eq!(fs::read(c.p(0, "plan.txt")).unwrap(), b"plan edited on B");
+    assert_eq!(fs::read(c.p(1, "notes.txt")).unwrap(), b"notes edited on A");
+    assert_eq!(fs::read(c.p(1, "only-a.txt")).unwrap(), b"new on A");
+    assert_eq!(fs::read(c.p(0, "only-b.txt")).unwrap(), b"new on B");
+    assert_eq!(fs::read(c.p(0, "shared/y.txt")).unwrap(), b"y");
+    // The device that made the copy says so.
+    let conflicts: usize = (0..2)
+        .map(|d| {
+            status_json(&c.devices[d].home)["conflicts"]
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(conflicts, 1);
+}
+
+#[test]
+fn a_crashed_client_delivers_its_outbox_once_and_uploads_survive_a_server_restart() {
+    let mut c = Cluster::new(2);
+    c.converge("empty");
+    // Changes queue while the server is down, then the client is killed with -9.
+    c.srv.kill9();
+    fs::create_dir(c.p(0, "queued")).unwrap();
+    for i in 0..20 {
+        fs::write(c.p(0, &format!("queued/f{i}")), format!("queued {i}")).unwrap();
+    }
+    c.wait("queued", || pending(&c.devices[0].home) > 0);
+    c.devices[0].crash();
+    c.srv.restart_same_port();
+    c.devices[0].mount();
+    let t = c.converge("after the crash");
+    assert_eq!(t.keys().filter(|k| k.starts_with("queued/")).count(), 20);
+
+    // A big upload with the server killed and restarted in the middle.
+    let big: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(c.p(1, "big.bin"), &big).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.srv.restart_same_port();
+    c.converge("big file after a server restart");
+    assert!(
+        fs::read(c.p(0, "big.bin")).unwrap() == big,
+        "big.bin differs on A"
+    );
+
+    // No transaction is stored twice: every transaction id appears once in the log.
+    let dc = deltadrive::client::DeviceConfig::load(
+        &deltadrive::home::Home::resolve(Some(&c.devices[0].home)).unwrap(),
+    )
+    .unwrap();
+    let client = dc.client().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let page = rt.block_on(client.read_log(0, 10_000)).unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for (seq, bytes) in page.entries {
+        let tx = deltadrive::changelog::decode_transaction(&bytes).unwrap();
+        assert!(ids.insert(tx.id), "transaction at seq {seq} stored twice");
+    }
+}
+
+#[test]
+fn a_new_device_receives_the_whole_tree() {
+    let mut c = Cluster::new(1);
+    fs::create_dir_all(c.p(0, "a/b/c")).unwrap();
+    for i in 0..200 {
+        fs::write(c.p(0, &format!("a/b/c/f{i}")), vec![i as u8; 5000]).unwrap();
+    }
+    fs::write(c.p(0, "a/top.txt"), b"top").unwrap();
+    fs::write(c.p(0, "a/top.txt"), b"top, edited").unwrap();
+    fs::remove_file(c.p(0, "a/b/c/f0")).unwrap();
+    c.converge("one device");
+    c.add_device("late");
+    let t = c.converge("the new device caught up");
+    assert_eq!(t.keys().filter(|k| k.starts_with("a/b/c/f")).count(), 199);
+    assert_eq!(fs::read(c.p(1, "a/top.txt")).unwrap(), b"top, edited");
+    // And it is a full peer: its change goes back.
+    fs::write(c.p(1, "a/from-late.txt"), b"hi").unwrap();
+    c.converge("change from the new device");
+}
