@@ -509,3 +509,34 @@ fn a_new_device_receives_the_whole_tree() {
     fs::write(c.p(1, "a/from-late.txt"), b"hi").unwrap();
     c.converge("change from the new device");
 }
+
+#[test]
+fn an_open_file_keeps_its_content_and_writes_after_a_remote_change_are_kept() {
+    let c = Cluster::new(2);
+    fs::write(c.p(0, "held.txt"), b"original content").unwrap();
+    c.converge("initial");
+    // B holds the file open; A replaces its content.
+    let held = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.p(1, "held.txt"))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    held.read_exact_at(&mut buf, 0).unwrap();
+    fs::write(c.p(0, "held.txt"), b"new content from A").unwrap();
+    c.wait("A's version visible on B to a new open", || {
+        fs::read(c.p(1, "held.txt")).unwrap_or_default() == b"new content from A"
+    });
+    // The open handle still reads what it opened.
+    let mut buf = [0u8; 16];
+    held.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"original content");
+    // Writes through it are not lost: at close they become a conflicted copy.
+    held.write_all_at(b"B's late edit", 0).unwrap();
+    drop(held);
+    let t = c.converge("after the stale handle closed");
+    assert_eq!(fs::read(c.p(0, "held.txt")).unwrap(), b"new content from A");
+    let copies = names_with(&c.p(0, ""), "held (conflicted copy");
+    assert_eq!(copies.len(), 1, "{t:#?}");
+    assert_eq!(fs::read(c.p(0, &copies[0])).unwrap(), b"B's late editent");
+}

@@ -200,6 +200,8 @@ impl FsCore {
         let mut inos: HashMap<ObjectId, u64> = HashMap::new();
         let mut inodes: HashMap<u64, Inode> = HashMap::new();
         let mut new_objects: Vec<ObjectId> = Vec::new();
+        let mut reinoded: HashSet<ObjectId> = HashSet::new();
+        let mut orphaned: Vec<Inode> = Vec::new();
         let mut b = store.batch();
         let mut staged: Vec<Staged> = Vec::new();
         for ch in &a.local_changes {
@@ -210,28 +212,44 @@ impl FsCore {
                 Some(ino) => store.get_inode(ino)?.filter(|i| i.object == state.id),
                 None => None,
             };
-            let ino = match &existing {
-                Some(i) => i.ino,
+            let replaces_content = state.is_file() && *content != ContentSource::Unchanged;
+            let (ino, base) = match existing {
+                // A file open here keeps its inode and content for its open handles (like
+                // a file renamed over on a local disk); the new version gets a new inode.
+                Some(i) if replaces_content && self.is_open(i.ino) => {
+                    let new_ino = store.allocate_ino(&mut b);
+                    let mut ni = i.clone();
+                    ni.ino = new_ino;
+                    inodes.insert(new_ino, ni);
+                    reinoded.insert(state.id);
+                    let base = Some((i.ino, i.size));
+                    orphaned.push(i);
+                    (new_ino, base)
+                }
+                Some(i) => {
+                    let ino = i.ino;
+                    let base = Some((ino, i.size));
+                    inodes.insert(ino, i);
+                    (ino, base)
+                }
                 None => {
                     let ino = store.allocate_ino(&mut b);
                     new_objects.push(state.id);
-                    ino
+                    (ino, None)
                 }
             };
             inos.insert(state.id, ino);
-            if let Some(i) = existing {
-                inodes.insert(ino, i);
-            }
             if !state.is_file() {
                 continue;
             }
             let bytes = match content {
                 ContentSource::Unchanged => continue,
                 ContentSource::Ops(ops) => {
-                    let base = if inodes.contains_key(&ino) {
-                        read_content(store, ino, state.size.max(inodes[&ino].size))?
-                    } else {
-                        Vec::new()
+                    let base = match base {
+                        Some((base_ino, size)) => {
+                            read_content(store, base_ino, state.size.max(size))?
+                        }
+                        None => Vec::new(),
                     };
                     apply_ops(state.id, base, ops).map_err(|reason| ApplyError::Content {
                         object: state.id,
@@ -298,7 +316,8 @@ impl FsCore {
             let ino = inos[&state.id];
             let parent_ino = self.resolve_parent(state.parent, &inos)?;
             if let Some(i) = inodes.get(&ino) {
-                if i.parent == parent_ino && i.name == state.name.0 {
+                if i.parent == parent_ino && i.name == state.name.0 && !reinoded.contains(&state.id)
+                {
                     continue;
                 }
                 b.delete_dirent(i.parent, &i.name);
@@ -489,6 +508,16 @@ impl FsCore {
                 name: name.clone(),
             });
         }
+        for old in &orphaned {
+            // Only its open handles hold it now; the last close removes it.
+            let mut o = old.clone();
+            o.nlink = 0;
+            o.ctime = now;
+            b.put_inode(&o);
+            b.mark_orphan(o.ino);
+            out.invalidations.push(Invalidation::Inode(o.ino));
+        }
+        // After the orphans: the object index must name the new inodes.
         for i in inodes.values() {
             b.put_inode(i);
         }
@@ -523,6 +552,8 @@ impl FsCore {
                 b.put_inode(&orphan);
                 b.delete_object_index(&i.object);
                 b.mark_orphan(i.ino);
+                // Writes through its open handles are kept as a copy at close.
+                orphaned.push(i.clone());
             }
             out.invalidations.push(Invalidation::Inode(i.ino));
         }
@@ -585,8 +616,13 @@ impl FsCore {
         }
         {
             let mut replaced = self.replaced.lock();
+            let mut gens = self.content_gen.lock();
             for s in &staged {
                 replaced.insert(s.ino);
+                *gens.entry(s.ino).or_insert(0) += 1;
+            }
+            for o in &orphaned {
+                *gens.entry(o.ino).or_insert(0) += 1;
             }
         }
         out.copies = copy_txs;

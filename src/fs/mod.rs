@@ -39,7 +39,7 @@ use fuser::{
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::changelog::ObjectId;
-use crate::store::{FileKind, Inode, Store, Timespec};
+use crate::store::{FileKind, Inode, Store, Timespec, ROOT_INO};
 use errors::FsResult;
 
 /// The largest write the kernel sends in one request.
@@ -72,6 +72,11 @@ impl Default for FsOptions {
 
 struct FileHandleState {
     file: Arc<File>,
+    /// The inode's content generation when this handle was opened (see `FsCore::content_gen`).
+    gen: u64,
+    /// Written after a remote change replaced the content under it: kept as a conflicted
+    /// copy at close.
+    stale_written: bool,
 }
 
 /// The mounted file system: a thin handle the FUSE session owns, over state that the
@@ -100,6 +105,8 @@ pub struct FsCore {
     /// Inodes whose content a remote change replaced since they were last opened: their
     /// next open drops the kernel's cached pages.
     replaced: Mutex<std::collections::HashSet<u64>>,
+    /// Per inode, how many times a remote change replaced its content file during this run.
+    content_gen: Mutex<HashMap<u64, u64>>,
 }
 
 #[derive(Clone)]
@@ -151,6 +158,7 @@ impl FsCore {
             open_count: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             replaced: Mutex::new(std::collections::HashSet::new()),
+            content_gen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -184,10 +192,13 @@ impl FsCore {
 
     fn open_handle(&self, ino: u64, file: File) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let gen = self.content_gen.lock().get(&ino).copied().unwrap_or(0);
         self.files.lock().insert(
             fh,
             FileHandleState {
                 file: Arc::new(file),
+                gen,
+                stale_written: false,
             },
         );
         *self.open_count.lock().entry(ino).or_insert(0) += 1;
@@ -557,6 +568,11 @@ impl FsCore {
         // Under the metadata lock, so a seal never sees these ranges before the size they
         // belong to.
         let _g = self.lock();
+        if self.handle_is_stale(ino, fh) {
+            // The bytes went to the previous content file this handle still holds; they are
+            // kept as a conflicted copy when it closes.
+            return Ok(data.len() as u32);
+        }
         let rewritten = self.capture.wrote(ino, offset, data.len() as u64);
         let mut i = self.inode(ino)?;
         let now = Timespec::now();
@@ -573,7 +589,15 @@ impl FsCore {
     }
 
     fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
-        self.files.lock().remove(&fh);
+        let state = self.files.lock().remove(&fh);
+        if let Some(st) = state.filter(|s| s.stale_written) {
+            if let Err(e) = self.keep_stale_handle(ino, &st.file) {
+                tracing::error!(
+                    "keeping writes made to inode {ino} after a remote change replaced it \
+                     failed: {e:?}"
+                );
+            }
+        }
         self.seal_file(ino);
         let last = {
             let mut oc = self.open_count.lock();
@@ -709,6 +733,91 @@ impl FsCore {
         b.put_inode(&i);
         self.capture.touch(&mut b, &i, false);
         self.store.commit(b, false)?;
+        Ok(())
+    }
+
+    /// Whether a remote change replaced `ino`'s content since handle `fh` was opened; marks
+    /// the handle as written then. Call under the metadata lock.
+    fn handle_is_stale(&self, ino: u64, fh: u64) -> bool {
+        let current = self.content_gen.lock().get(&ino).copied().unwrap_or(0);
+        let mut files = self.files.lock();
+        match files.get_mut(&fh) {
+            Some(h) if h.gen != current => {
+                h.stale_written = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Saves what a stale handle holds as a new file beside the inode: a conflicted copy
+    /// named after this device, sealed and synced like any new file.
+    fn keep_stale_handle(&self, ino: u64, file: &File) -> FsResult<()> {
+        let _g = self.lock();
+        let Some(orig) = self.store.get_inode(ino)? else {
+            return Ok(());
+        };
+        // Beside where it was (an orphaned inode keeps its last place), else at the top.
+        let parent = match self.store.get_inode(orig.parent)? {
+            Some(p) if p.kind == FileKind::Directory && p.nlink > 0 => orig.parent,
+            _ => ROOT_INO,
+        };
+        let base = crate::changelog::Name(orig.name.clone());
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut attempt = 0;
+        let name = loop {
+            let n =
+                crate::engine::conflicted_copy_name(&base, self.capture.device(), now_ms, attempt);
+            if self.store.lookup(parent, &n.0)?.is_none() {
+                break n.0;
+            }
+            attempt += 1;
+        };
+        let len = file.metadata()?.len();
+        let mut b = self.store.batch();
+        let new_ino = self.store.allocate_ino(&mut b);
+        let content = self.store.open_content(new_ino, true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < len {
+            let n = file.read_at(&mut buf, off)?;
+            if n == 0 {
+                break;
+            }
+            content.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        content.sync_data()?;
+        let now = Timespec::now();
+        let inode = Inode {
+            ino: new_ino,
+            object: ObjectId::random(),
+            size: off,
+            nlink: 1,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent,
+            name: name.clone(),
+            ..orig.clone()
+        };
+        let mut p = self.dir_inode(parent)?;
+        p.mtime = now;
+        p.ctime = now;
+        b.put_inode(&inode);
+        b.put_inode(&p);
+        b.put_dirent(parent, &name, new_ino, FileKind::File);
+        self.capture.touch(&mut b, &inode, true);
+        self.store.commit(b, false)?;
+        tracing::warn!(
+            "writes made to {:?} after another device replaced it are kept as {:?}",
+            String::from_utf8_lossy(&orig.name),
+            String::from_utf8_lossy(&name)
+        );
         Ok(())
     }
 
