@@ -502,6 +502,25 @@ fn a_new_device_receives_the_whole_tree() {
     fs::remove_file(c.p(0, "a/b/c/f0")).unwrap();
     c.converge("one device");
     c.add_device("late");
+    // `wait` returns once the new device has everything.
+    let out = run(&[
+        "wait",
+        "--home",
+        c.devices[1].home.to_str().unwrap(),
+        "--timeout-secs",
+        "60",
+    ]);
+    if !out.status.success() {
+        c.fail(&format!(
+            "wait failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    assert_eq!(
+        tree(&c.devices[1].mp),
+        tree(&c.devices[0].mp),
+        "wait returned before the tree arrived"
+    );
     let t = c.converge("the new device caught up");
     assert_eq!(t.keys().filter(|k| k.starts_with("a/b/c/f")).count(), 199);
     assert_eq!(fs::read(c.p(1, "a/top.txt")).unwrap(), b"top, edited");
@@ -539,4 +558,69 @@ fn an_open_file_keeps_its_content_and_writes_after_a_remote_change_are_kept() {
     let copies = names_with(&c.p(0, ""), "held (conflicted copy");
     assert_eq!(copies.len(), 1, "{t:#?}");
     assert_eq!(fs::read(c.p(0, &copies[0])).unwrap(), b"B's late editent");
+}
+
+#[test]
+fn history_lists_versions_and_restore_brings_one_back_everywhere() {
+    let c = Cluster::new(2);
+    for v in 1..=3 {
+        fs::write(c.p(0, "doc.txt"), format!("version {v} of the document")).unwrap();
+        c.converge("a new version");
+    }
+    let path = c.p(1, "doc.txt");
+    let home = c.devices[1].home.to_str().unwrap().to_string();
+    let out = run(&["history", path.to_str().unwrap(), "--home", &home]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        c.fail(&format!(
+            "history failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    assert!(text.contains("(current)"), "{text}");
+    // The oldest version listed is the first save.
+    let versions: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(versions.len(), 3, "{text}");
+    let first = versions.iter().min().unwrap().to_string();
+    let out = run(&[
+        "restore",
+        path.to_str().unwrap(),
+        "--version",
+        &first,
+        "--home",
+        &home,
+    ]);
+    if !out.status.success() {
+        c.fail(&format!(
+            "restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    c.converge("after restore");
+    assert_eq!(
+        fs::read_to_string(c.p(0, "doc.txt")).unwrap(),
+        "version 1 of the document"
+    );
+    // Bad input: an unknown version changes nothing and says which exist.
+    let out = run(&[
+        "restore",
+        path.to_str().unwrap(),
+        "--version",
+        "999",
+        "--home",
+        &home,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not kept"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(c.p(1, "doc.txt")).unwrap(),
+        "version 1 of the document"
+    );
 }

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod admin;
 pub mod docs;
+pub mod history;
 pub mod login;
 pub mod mount;
 pub mod server;
@@ -49,6 +50,8 @@ pub enum Command {
     History(HistoryArgs),
     /// Bring back an earlier version of a file
     Restore(RestoreArgs),
+    /// Wait until this device has sent and received every change (a progress bar on a terminal)
+    Wait(WaitArgs),
     /// Write the man pages (deltadrive.1 and one per subcommand) into a folder
     #[command(hide = true)]
     Man(docs::ManArgs),
@@ -229,6 +232,15 @@ pub struct RestoreArgs {
     pub home: HomeArg,
 }
 
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    pub home: HomeArg,
+    /// Give up (exit 1) after this many seconds
+    #[arg(long, value_name = "S")]
+    pub timeout_secs: Option<u64>,
+}
+
 /// Runs one parsed command line; the error is printed as one line by `main`.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -242,7 +254,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Outbox(a) => mount::outbox(a),
         Command::Completions(a) => docs::completions(a),
         Command::Watch(_) => not_yet("watch", 6),
-        Command::History(_) | Command::Restore(_) => not_yet("history/restore", 5),
+        Command::History(a) => history::history(a),
+        Command::Restore(a) => history::restore(a),
+        Command::Wait(a) => history::wait(a),
     }
 }
 

@@ -321,7 +321,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     );
     println!("conflicts:       {}", report.conflicts.len());
     for c in &report.conflicts {
-        println!("  {} (made {} UTC)", c.name, c.time);
+        println!("  {} (made {})", c.name, c.time);
     }
     // Shown once: the next `status` lists only newer ones (`--json` never marks them seen).
     if let Some(newest) = sync_report.conflicts.iter().map(|c| c.time_ms).max() {
@@ -358,7 +358,7 @@ fn server_reachable(url: &str) -> bool {
 }
 
 /// Milliseconds since the Unix epoch as UTC `YYYY-MM-DD HH:MM:SS`.
-fn format_ms(ms: i64) -> String {
+pub(crate) fn format_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -504,9 +504,14 @@ impl Driver {
                 Outcome::UploadConflict(_) => {}
                 _ => r.last_error = None,
             }
-            if let Outcome::Uploaded { last, .. } = &outcome {
-                r.last_upload_ms = Some(now_ms() as i64);
-                r.server_seq = Some(*last);
+            match &outcome {
+                Outcome::Uploaded { last, .. } => {
+                    r.last_upload_ms = Some(now_ms() as i64);
+                    r.server_seq = Some(*last);
+                    r.head = r.head.max(*last);
+                }
+                Outcome::Pulled { head, .. } | Outcome::Head(head) => r.head = r.head.max(*head),
+                _ => {}
             }
         }
         match outcome {

@@ -30,6 +30,9 @@ pub struct SyncReport {
     /// The last server sequence applied here.
     #[serde(default)]
     pub cursor: u64,
+    /// The newest server sequence this device has heard of.
+    #[serde(default)]
+    pub head: u64,
     /// Local transactions the server has not stored yet.
     #[serde(default)]
     pub outbox: u64,
