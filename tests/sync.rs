@@ -624,3 +624,32 @@ fn history_lists_versions_and_restore_brings_one_back_everywhere() {
         "version 1 of the document"
     );
 }
+
+#[test]
+fn an_apply_that_does_not_fit_the_local_content_heals_by_fetching() {
+    let c = Cluster::new(2);
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(c.p(0, "data.bin"), &body).unwrap();
+    c.converge("initial");
+    // Damage B's content file behind the file system's back (bit rot, a bad disk).
+    let ino = fs::metadata(c.p(1, "data.bin")).unwrap().ino();
+    let content = c.devices[1]
+        .home
+        .join("content")
+        .join(format!("{:02x}", ino & 0xff))
+        .join(format!("{ino:016x}"));
+    write_at(&content, 5000, b"rot");
+    // A's small edit arrives as a delta that does not fit B's content: B must fetch.
+    write_at(&c.p(0, "data.bin"), 100, b"edit");
+    let mut want = body.clone();
+    want[100..104].copy_from_slice(b"edit");
+    c.wait("B healed", || {
+        fs::read(c.p(1, "data.bin")).unwrap_or_default() == want
+    });
+    let log = fs::read_to_string(c.devices[1].home.join("mount.log")).unwrap();
+    assert!(
+        log.contains("fetching whole content"),
+        "the heal is not in B's log"
+    );
+    c.converge("after healing");
+}
