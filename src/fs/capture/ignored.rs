@@ -260,8 +260,7 @@ impl Sealer<'_> {
             let Some(i) = self.store.get_inode(e.ino)? else {
                 continue;
             };
-            if i.parent == dir && i.name == e.name && i.nlink > 0 && sync_kind(i.kind).is_some()
-            {
+            if i.parent == dir && i.name == e.name && i.nlink > 0 && sync_kind(i.kind).is_some() {
                 out.push(i);
             }
         }
@@ -302,8 +301,7 @@ impl Scopes {
             return Ok(false);
         }
         let scope = self.of(s, inode.parent)?;
-        Ok(s
-            .capture
+        Ok(s.capture
             .ignore()
             .is_ignored_in(&scope, &inode.name, inode.kind == FileKind::Directory))
     }
