@@ -593,15 +593,18 @@ impl Sealer<'_> {
         b: &mut Batch<'_>,
         retired: &mut Vec<ObjectId>,
     ) -> Result<(), StoreError> {
-        let new_files: Vec<usize> = items
+        // By object, not by index: taking over a deleted file removes its item.
+        let new_files: Vec<ObjectId> = items
             .iter()
-            .enumerate()
-            .filter(|(_, it)| {
+            .filter(|it| {
                 it.state.is_none() && it.inode.as_ref().is_some_and(|i| i.kind == FileKind::File)
             })
-            .map(|(i, _)| i)
+            .map(|it| it.object)
             .collect();
-        for n in new_files {
+        for obj in new_files {
+            let Some(n) = items.iter().position(|it| it.object == obj) else {
+                continue;
+            };
             let Some(inode) = items[n].inode.clone() else {
                 continue;
             };
