@@ -93,10 +93,7 @@ impl Ignore {
                 return Ok(c.rules.clone());
             }
         }
-        let rules = match stamp {
-            None => None,
-            Some(s) => Some(Arc::new(Self::read(store, dir, s))),
-        };
+        let rules = stamp.map(|s| Arc::new(Self::read(store, dir, s)));
         let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
             cache.clear();
