@@ -55,7 +55,11 @@ impl Sealer<'_> {
             }
             return Ok(true);
         }
-        let mut present: HashSet<ObjectId> = items.iter().map(|i| i.object).collect();
+        // The live inodes this seal already handles; walks skip them without loading them.
+        let mut present: HashSet<u64> = items
+            .iter()
+            .filter_map(|i| i.inode.as_ref().map(|i| i.ino))
+            .collect();
         let mut rule_dirs = Vec::new();
         for it in items.iter() {
             for dir in self.rule_folders(it)? {
@@ -136,7 +140,7 @@ impl Sealer<'_> {
         &self,
         dir: u64,
         items: &mut Vec<Item>,
-        present: &mut HashSet<ObjectId>,
+        present: &mut HashSet<u64>,
     ) -> Result<(), StoreError> {
         let Some(d) = self.store.get_inode(dir)? else {
             return Ok(());
@@ -151,8 +155,8 @@ impl Sealer<'_> {
         }
         let mut stack = vec![(dir, scope)];
         while let Some((d, scope)) = stack.pop() {
-            for child in self.children(d)? {
-                if present.contains(&child.object) || self.capture.has_pending(&child.object) {
+            for child in self.children(d, present)? {
+                if self.capture.has_pending(&child.object) {
                     continue;
                 }
                 let is_dir = child.kind == FileKind::Directory;
@@ -160,7 +164,7 @@ impl Sealer<'_> {
                 let state = self.store.object_state(&child.object)?;
                 match (ignored, state.is_some()) {
                     (true, true) | (false, false) => {
-                        present.insert(child.object);
+                        present.insert(child.ino);
                         items.push(Item {
                             object: child.object,
                             flags: PendingFlags { rewritten: true },
@@ -185,22 +189,19 @@ impl Sealer<'_> {
         &self,
         dir: u64,
         out: &mut Vec<Item>,
-        present: &mut HashSet<ObjectId>,
+        present: &mut HashSet<u64>,
         b: &mut Batch<'_>,
     ) -> Result<(), StoreError> {
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
-            for child in self.children(d)? {
+            // An object that is part of this seal is handled as its own item (it is below an
+            // ignored folder, so it is ignored too), and so is what is below it.
+            for child in self.children(d, present)? {
                 if child.kind == FileKind::Directory {
                     stack.push(child.ino);
                 }
-                // A pending object that is part of this seal is handled as its own item
-                // (it is below an ignored folder, so it is ignored too).
-                if present.contains(&child.object) {
-                    continue;
-                }
                 if let Some(state) = self.store.object_state(&child.object)? {
-                    present.insert(child.object);
+                    present.insert(child.ino);
                     self.make_local(&child, b);
                     out.push(Item {
                         object: child.object,
@@ -221,13 +222,13 @@ impl Sealer<'_> {
         dir: u64,
         scope: Scope,
         out: &mut Vec<Item>,
-        present: &mut HashSet<ObjectId>,
+        present: &mut HashSet<u64>,
     ) -> Result<(), StoreError> {
         let ig = self.capture.ignore();
         let mut stack = vec![(dir, scope)];
         while let Some((d, scope)) = stack.pop() {
-            for child in self.children(d)? {
-                if present.contains(&child.object) || self.capture.has_pending(&child.object) {
+            for child in self.children(d, present)? {
+                if self.capture.has_pending(&child.object) {
                     continue;
                 }
                 let is_dir = child.kind == FileKind::Directory;
@@ -236,7 +237,7 @@ impl Sealer<'_> {
                 {
                     continue;
                 }
-                present.insert(child.object);
+                present.insert(child.ino);
                 if is_dir {
                     let inner = ig.enter(self.store, &scope, child.ino, &child.name)?;
                     stack.push((child.ino, inner));
@@ -253,10 +254,13 @@ impl Sealer<'_> {
     }
 
     /// The syncable objects whose home is folder `dir` (a second hard link to a file that
-    /// lives elsewhere is not one of them).
-    fn children(&self, dir: u64) -> Result<Vec<Inode>, StoreError> {
+    /// lives elsewhere is not one of them), less the inodes in `skip`.
+    fn children(&self, dir: u64, skip: &HashSet<u64>) -> Result<Vec<Inode>, StoreError> {
         let mut out = Vec::new();
         for e in self.store.list_dir(dir)? {
+            if skip.contains(&e.ino) {
+                continue;
+            }
             let Some(i) = self.store.get_inode(e.ino)? else {
                 continue;
             };
