@@ -449,3 +449,24 @@ fn status_turns_synced_once_the_server_has_the_change() {
     fs::rename(&conflicted, &renamed).unwrap();
     assert_eq!(status(&renamed), "pending");
 }
+
+#[test]
+fn a_rule_change_survives_a_crash_before_its_seal() {
+    let mut m = Mounted::new();
+    fs::write(m.path("a.log"), b"log").unwrap();
+    fs::write(m.path("b.txt"), b"b").unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+    m.unmount();
+    m.extra_args = vec!["--quiet-ms".into(), "60000".into()];
+    m.mount();
+    fs::write(m.path(".deltaignore"), "*.log\n").unwrap();
+    m.crash();
+    m.extra_args.clear();
+    m.mount();
+    settle(&mut m);
+    let txs = assert_replay_matches_except(&m, &|p| p.ends_with(".log"));
+    assert_eq!(created_names(&txs[before..]), [".deltaignore"]);
+    assert_eq!(deletes(&txs[before..]), 1, "a.log leaves the synced tree");
+    assert_eq!(fs::read(m.path("a.log")).unwrap(), b"log");
+}
