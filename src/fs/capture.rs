@@ -1180,9 +1180,4 @@ impl Capture {
     pub fn has_pending(&self, object: &ObjectId) -> bool {
         self.pending.lock().contains_key(object)
     }
-
-    /// How many objects have unsealed changes.
-    pub fn pending_count(&self) -> usize {
-        self.pending.lock().len()
-    }
 }

@@ -53,7 +53,7 @@ impl FsCore {
     pub(super) fn sync_status(&self, ino: u64) -> FsResult<SyncStatus> {
         let i = self.inode(ino)?;
         if i.ino == ROOT_INO {
-            let busy = self.capture.pending_count() > 0 || !self.store.outbox_is_empty()?;
+            let busy = self.capture.any_pending() || !self.store.outbox_is_empty()?;
             return Ok(if busy {
                 SyncStatus::Pending
             } else {
