@@ -6,6 +6,7 @@
 //! - [`engine`]: the sync state machine: local and remote changes in, actions out. No I/O.
 //! - [`store`]: the device's RocksDB store behind a narrow facade.
 //! - [`fs`]: the fuser adapter over the store.
+//! - [`ignore`]: `.deltaignore` files and built-in patterns: what stays on the device.
 //! - [`sync`]: the I/O side of sync (today: the outbox uploader).
 //! - [`cli`]: the command-line contract; `main.rs` stays thin.
 //! - [`server`]: the storage and management server (axum, embedded RocksDB backend).
@@ -18,6 +19,7 @@ pub mod delta;
 pub mod engine;
 pub mod fs;
 pub mod home;
+pub mod ignore;
 pub mod logging;
 pub mod server;
 pub mod store;

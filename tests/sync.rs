@@ -653,3 +653,42 @@ fn an_apply_that_does_not_fit_the_local_content_heals_by_fetching() {
     );
     c.converge("after healing");
 }
+
+#[test]
+fn ignored_files_and_the_trash_stay_on_their_device() {
+    let c = Cluster::new(2);
+    fs::create_dir(c.p(0, "docs")).unwrap();
+    fs::write(c.p(0, "docs/report.txt"), b"report").unwrap();
+    fs::write(c.p(0, ".deltaignore"), b"*.log\n").unwrap();
+    c.converge("create on A");
+    assert_eq!(fs::read(c.p(1, ".deltaignore")).unwrap(), b"*.log\n");
+
+    // Ignored files stay where they were made; what comes after them travels.
+    fs::write(c.p(0, "a.log"), b"log").unwrap();
+    fs::write(c.p(0, "docs/.report.txt.swp"), b"swap").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    fs::write(c.p(0, "docs/later.txt"), b"later").unwrap();
+    c.wait("later.txt reaches B", || c.p(1, "docs/later.txt").exists());
+    assert!(!c.p(1, "a.log").exists());
+    assert!(!c.p(1, "docs/.report.txt.swp").exists());
+
+    // Into the trash on A: gone from B. Back from the trash: back on B.
+    fs::create_dir_all(c.p(0, ".Trash-0/files")).unwrap();
+    fs::rename(
+        c.p(0, "docs/report.txt"),
+        c.p(0, ".Trash-0/files/report.txt"),
+    )
+    .unwrap();
+    c.wait("the trashed file leaves B", || {
+        !c.p(1, "docs/report.txt").exists()
+    });
+    assert!(!c.p(1, ".Trash-0").exists(), "the trash stays on A");
+    fs::rename(
+        c.p(0, ".Trash-0/files/report.txt"),
+        c.p(0, "docs/report.txt"),
+    )
+    .unwrap();
+    c.wait("the restored file is back on B", || {
+        fs::read(c.p(1, "docs/report.txt")).ok().as_deref() == Some(&b"report"[..])
+    });
+}

@@ -18,6 +18,10 @@
 //!
 //! What always holds: the outbox entry, the advanced `objstate`, the signatures and the
 //! cleared `pending` marks commit in one batch, under the file system's metadata lock.
+//! An object whose current path is ignored (`.deltaignore`, built-in temporary-file
+//! patterns) is never announced: see [`ignored`].
+
+mod ignored;
 
 use std::collections::HashMap;
 use std::io;
@@ -71,6 +75,7 @@ pub struct Capture {
     /// When each pending object first and last changed since it was last sealed.
     changed: Mutex<HashMap<ObjectId, (Instant, Instant)>>,
     activity: Mutex<Activity>,
+    ignore: crate::ignore::Ignore,
 }
 
 /// New files, renames and deletes still changing after this long are sealed anyway.
@@ -123,6 +128,7 @@ impl Capture {
                 last_change: now,
                 oldest_unsealed: has_pending.then_some(now),
             }),
+            ignore: crate::ignore::Ignore::new(),
         })
     }
 
@@ -218,6 +224,11 @@ impl Capture {
 
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    /// The device's ignore rules.
+    pub fn ignore(&self) -> &crate::ignore::Ignore {
+        &self.ignore
     }
 }
 
@@ -388,6 +399,11 @@ impl Sealer<'_> {
         // Ids a new file gave up when it took over an announced file's identity.
         let mut retired = Vec::new();
         self.transfer_identities(&mut items, &mut b, &mut retired)?;
+        // Ignored objects whose pending marks go with no op.
+        let mut dropped = Vec::new();
+        if !self.apply_ignore(&mut items, only, &mut b, &mut dropped)? {
+            return Ok(0);
+        }
 
         let mut tx = TxBuilder {
             device: self.capture.device.clone(),
@@ -486,6 +502,7 @@ impl Sealer<'_> {
                 .chain(file_deletes.iter().map(|it| it.object))
                 .chain(dd.iter().map(|(_, it)| it.object))
                 .chain(retired.iter().copied())
+                .chain(dropped.iter().copied())
                 .collect();
             let mut changed = self.capture.changed.lock();
             for o in sealed {
@@ -576,15 +593,18 @@ impl Sealer<'_> {
         b: &mut Batch<'_>,
         retired: &mut Vec<ObjectId>,
     ) -> Result<(), StoreError> {
-        let new_files: Vec<usize> = items
+        // By object, not by index: taking over a deleted file removes its item.
+        let new_files: Vec<ObjectId> = items
             .iter()
-            .enumerate()
-            .filter(|(_, it)| {
+            .filter(|it| {
                 it.state.is_none() && it.inode.as_ref().is_some_and(|i| i.kind == FileKind::File)
             })
-            .map(|(i, _)| i)
+            .map(|it| it.object)
             .collect();
-        for n in new_files {
+        for obj in new_files {
+            let Some(n) = items.iter().position(|it| it.object == obj) else {
+                continue;
+            };
             let Some(inode) = items[n].inode.clone() else {
                 continue;
             };

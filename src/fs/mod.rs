@@ -18,6 +18,7 @@ mod attr;
 pub mod capture;
 mod errors;
 pub mod mount;
+pub mod status;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -663,6 +664,9 @@ impl FsCore {
     fn do_setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let name = name.as_bytes();
         check_xattr_name(name)?;
+        if name == status::STATUS_XATTR {
+            return Err(status::STATUS_WRITE_ERRNO);
+        }
         if value.len() > XATTR_SIZE_MAX {
             return Err(Errno::E2BIG);
         }
@@ -687,6 +691,9 @@ impl FsCore {
     fn do_removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let name = name.as_bytes();
         check_xattr_name(name)?;
+        if name == status::STATUS_XATTR {
+            return Err(status::STATUS_WRITE_ERRNO);
+        }
         let _g = self.lock();
         let mut i = self.inode(ino)?;
         if self.store.get_xattr(ino, name)?.is_none() {
@@ -1390,6 +1397,9 @@ impl Filesystem for DeltaFs {
         let r = (|| {
             let name = name.as_bytes();
             check_xattr_name(name)?;
+            if name == status::STATUS_XATTR {
+                return Ok(self.sync_status(ino.0)?.as_str().as_bytes().to_vec());
+            }
             self.inode(ino.0)?;
             self.store.get_xattr(ino.0, name)?.ok_or(Errno::NO_XATTR)
         })();

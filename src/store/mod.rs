@@ -40,7 +40,7 @@ const CF_DIRENTS: &str = "dirents";
 const CF_XATTRS: &str = "xattrs";
 const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 11] = [
+const ALL_CFS: [&str; 12] = [
     CF_INODES,
     CF_DIRENTS,
     CF_XATTRS,
@@ -52,6 +52,7 @@ const ALL_CFS: [&str; 11] = [
     sync_state::CF_SIGNATURES,
     sync_state::CF_LEAVES,
     engine_state::CF_SERVER,
+    sync_state::CF_OUTBOX_OBJECTS,
 ];
 
 const META_NEXT_INO: &[u8] = b"next_ino";
@@ -163,7 +164,14 @@ impl Store {
         // The daemon may roll its WAL while we list and open the files: try again then.
         let mut attempt = 0;
         let db = loop {
-            match DB::open_cf_for_read_only(&opts, db_dir, ALL_CFS, false) {
+            // A store no daemon of this build has opened yet lacks the newer column families.
+            let cfs = DB::list_cf(&opts, db_dir).map(|present| {
+                ALL_CFS
+                    .into_iter()
+                    .filter(|c| present.iter().any(|p| p == c))
+                    .collect::<Vec<&str>>()
+            });
+            match cfs.and_then(|cfs| DB::open_cf_for_read_only(&opts, db_dir, cfs, false)) {
                 Ok(db) => break db,
                 Err(e) if attempt < 20 && e.to_string().contains("No such file") => {
                     attempt += 1;
@@ -242,6 +250,7 @@ impl Store {
         if staging.exists() {
             std::fs::remove_dir_all(&staging)?;
         }
+        sync_state::index_outbox_once(self)?;
         self.remove_orphans()
     }
 

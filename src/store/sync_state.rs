@@ -12,6 +12,10 @@
 //!   change itself, so a crash never loses the fact that something must be sent.
 //! - The outbox is keyed by a local sequence that only grows; an entry is written in the
 //!   same batch as the `objstate` it advances.
+//! - `outbox_objects` indexes the outbox by object (which entries touch which objects), so
+//!   "is this object still waiting for the server" needs no decoding of payloads. It changes
+//!   in the same batch as the outbox: write the outbox only through
+//!   [`Batch::push_outbox`] and [`Batch::remove_outbox`].
 
 use crate::changelog::{ContentHash, ObjectId, Transaction};
 
@@ -22,7 +26,36 @@ pub(super) const CF_PENDING: &str = "pending";
 pub(super) const CF_OUTBOX: &str = "outbox";
 pub(super) const CF_SIGNATURES: &str = "signatures";
 pub(super) const CF_LEAVES: &str = "leaves";
+pub(super) const CF_OUTBOX_OBJECTS: &str = "outbox_objects";
 const META_OUTBOX_NEXT: &[u8] = b"outbox_next";
+/// Set once the outbox entries written before `outbox_objects` existed are indexed.
+const META_OUTBOX_INDEXED: &[u8] = b"outbox_indexed";
+
+/// `outbox_objects` key of an outbox entry: its objects, 16 bytes each.
+fn index_seq_key(seq: u64) -> [u8; 9] {
+    let mut k = [b's'; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `outbox_objects` key saying that entry `seq` touches `object` (empty value).
+fn index_object_key(object: &ObjectId, seq: u64) -> [u8; 25] {
+    let mut k = [b'o'; 25];
+    k[1..17].copy_from_slice(&object.0);
+    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The objects a transaction touches, each once.
+fn tx_objects(tx: &Transaction) -> Vec<ObjectId> {
+    let mut out: Vec<ObjectId> = Vec::new();
+    for op in &tx.ops {
+        if !out.contains(&op.object) {
+            out.push(op.object);
+        }
+    }
+    out
+}
 
 /// The kind of an announced object, as the change log knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +290,38 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether an outbox entry (a transaction the server has not acknowledged yet) touches
+    /// `object`.
+    pub fn outbox_touches(&self, object: &ObjectId) -> Result<bool> {
+        let Some(cf) = self.db.cf_handle(CF_OUTBOX_OBJECTS) else {
+            return Ok(false); // a read-only open of a store from before the index
+        };
+        let prefix = &index_object_key(object, 0)[..17];
+        for item in self.db.prefix_iterator_cf(cf, prefix) {
+            let (k, _) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let seq = u64::from_be_bytes(k[17..].try_into().unwrap_or_default());
+            // The entry's own key goes with the entry; a stale object key is harmless.
+            if self.db.get_pinned_cf(cf, index_seq_key(seq))?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether the outbox is empty (without reading its payloads).
+    pub fn outbox_is_empty(&self) -> Result<bool> {
+        let Some(cf) = self.db.cf_handle(CF_OUTBOX_OBJECTS) else {
+            return Ok(self.outbox_size()?.0 == 0);
+        };
+        match self.db.prefix_iterator_cf(cf, b"s").next() {
+            Some(item) => Ok(!item?.0.starts_with(b"s")),
+            None => Ok(true),
+        }
+    }
+
     /// Number of entries and bytes waiting in the outbox.
     pub fn outbox_size(&self) -> Result<(u64, u64)> {
         let mut n = 0;
@@ -323,6 +388,7 @@ impl Batch<'_> {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.wb
             .put_cf(self.store.cf(CF_OUTBOX), seq.to_be_bytes(), bytes);
+        self.index_outbox(seq, &tx_objects(tx));
         self.wb.put_cf(
             self.store.cf(super::CF_META),
             META_OUTBOX_NEXT,
@@ -335,7 +401,47 @@ impl Batch<'_> {
     pub fn remove_outbox(&mut self, seq: u64) {
         self.wb
             .delete_cf(self.store.cf(CF_OUTBOX), seq.to_be_bytes());
+        let cf = self.store.cf(CF_OUTBOX_OBJECTS);
+        match self.store.db.get_pinned_cf(cf, index_seq_key(seq)) {
+            Ok(Some(v)) => {
+                for id in v.chunks_exact(16) {
+                    let id = ObjectId(id.try_into().unwrap_or_default());
+                    self.wb.delete_cf(cf, index_object_key(&id, seq));
+                }
+            }
+            Ok(None) => {}
+            // The object keys stay behind; without their entry key they say nothing.
+            Err(e) => tracing::warn!("reading the outbox index of entry {seq}: {e}"),
+        }
+        self.wb.delete_cf(cf, index_seq_key(seq));
     }
+
+    fn index_outbox(&mut self, seq: u64, objects: &[ObjectId]) {
+        let cf = self.store.cf(CF_OUTBOX_OBJECTS);
+        let mut ids = Vec::with_capacity(objects.len() * 16);
+        for o in objects {
+            ids.extend_from_slice(&o.0);
+            self.wb.put_cf(cf, index_object_key(o, seq), []);
+        }
+        self.wb.put_cf(cf, index_seq_key(seq), ids);
+    }
+}
+
+/// Indexes outbox entries written before `outbox_objects` existed (once per store).
+pub(super) fn index_outbox_once(store: &Store) -> Result<()> {
+    let meta = store.cf(super::CF_META);
+    if store.db.get_pinned_cf(meta, META_OUTBOX_INDEXED)?.is_some() {
+        return Ok(());
+    }
+    let mut b = store.batch();
+    for (seq, bytes) in store.outbox()? {
+        match crate::changelog::decode_transaction(&bytes) {
+            Ok(tx) => b.index_outbox(seq, &tx_objects(&tx)),
+            Err(e) => return Err(StoreError::Corrupt(format!("outbox entry {seq}: {e}"))),
+        }
+    }
+    b.wb.put_cf(meta, META_OUTBOX_INDEXED, []);
+    store.commit(b, true)
 }
 
 /// Loads the outbox counter at open.

@@ -135,3 +135,89 @@ fn orphans_are_removed_at_open() {
     assert_eq!(s.ino_of_object(&object).unwrap(), None);
     assert!(!s.content_path(ino).exists());
 }
+
+fn tx_on(objects: &[ObjectId]) -> crate::changelog::Transaction {
+    use crate::changelog::{Op, OpKind, Transaction};
+    let mut ops: Vec<Op> = Vec::new();
+    for o in objects {
+        let base = 1 + ops.iter().filter(|op| op.object == *o).count() as u64;
+        ops.push(Op {
+            object: *o,
+            base_version: base,
+            new_version: base + 1,
+            kind: OpKind::SetAttr {
+                mode: Some(0o600),
+                mtime_ns: None,
+            },
+        });
+    }
+    Transaction {
+        id: rand::random(),
+        device: "d".into(),
+        time_ms: 1,
+        ops,
+    }
+}
+
+#[test]
+fn outbox_index_follows_pushes_and_removals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    let (a, b, c) = (ObjectId::random(), ObjectId::random(), ObjectId::random());
+    let (s1, s2) = {
+        let s = Store::open(&db, &content, 0, 0).unwrap();
+        assert!(s.outbox_is_empty().unwrap());
+        let mut batch = s.batch();
+        let s1 = batch.push_outbox(&tx_on(&[a, b, a])).unwrap();
+        let s2 = batch.push_outbox(&tx_on(&[b])).unwrap();
+        s.commit(batch, false).unwrap();
+        assert!(s.outbox_touches(&a).unwrap() && s.outbox_touches(&b).unwrap());
+        assert!(!s.outbox_touches(&c).unwrap());
+        assert!(!s.outbox_is_empty().unwrap());
+        let mut batch = s.batch();
+        batch.remove_outbox(s1);
+        s.commit(batch, false).unwrap();
+        assert!(!s.outbox_touches(&a).unwrap());
+        assert!(s.outbox_touches(&b).unwrap());
+        (s1, s2)
+    };
+    assert!(s1 < s2);
+    // Across a reopen, and read-only beside nothing.
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    assert!(s.outbox_touches(&b).unwrap() && !s.outbox_touches(&a).unwrap());
+    let mut batch = s.batch();
+    batch.remove_outbox(s2);
+    s.commit(batch, false).unwrap();
+    assert!(!s.outbox_touches(&b).unwrap());
+    assert!(s.outbox_is_empty().unwrap());
+    drop(s);
+    let r = Store::open_read_only(&db, &content).unwrap();
+    assert!(r.outbox_is_empty().unwrap());
+}
+
+#[test]
+fn an_outbox_from_before_the_index_is_indexed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    let a = ObjectId::random();
+    {
+        let s = Store::open(&db, &content, 0, 0).unwrap();
+        let mut batch = s.batch();
+        batch.push_outbox(&tx_on(&[a])).unwrap();
+        s.commit(batch, false).unwrap();
+        // As an older build left it: no index, no marker.
+        let cf = s.cf(sync_state::CF_OUTBOX_OBJECTS);
+        let keys: Vec<Box<[u8]>> =
+            s.db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+                .map(|i| i.unwrap().0)
+                .collect();
+        assert!(!keys.is_empty());
+        for k in keys {
+            s.db.delete_cf(cf, k).unwrap();
+        }
+        s.db.delete_cf(s.cf(CF_META), b"outbox_indexed").unwrap();
+        assert!(!s.outbox_touches(&a).unwrap());
+    }
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    assert!(s.outbox_touches(&a).unwrap());
+}

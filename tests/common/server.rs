@@ -106,6 +106,50 @@ impl TestServer {
         s
     }
 
+    /// Creates user `user` (if needed) and logs `home` in to this server as device `device`.
+    pub fn login(&self, home: &Path, user: &str, device: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let (tok, pw) = (dir.path().join("admin.token"), dir.path().join("pw"));
+        std::fs::write(&tok, &self.admin_token).unwrap();
+        std::fs::write(&pw, "correct horse battery staple").unwrap();
+        let (tok, pw) = (tok.to_str().unwrap(), pw.to_str().unwrap());
+        let out = super::run(&[
+            "admin",
+            "--server",
+            &self.url,
+            "--admin-token-file",
+            tok,
+            "user",
+            "add",
+            user,
+            "--password-file",
+            pw,
+        ]);
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = super::run(&[
+            "login",
+            "--server",
+            &self.url,
+            "--user",
+            user,
+            "--password-file",
+            pw,
+            "--device",
+            device,
+            "--home",
+            home.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts another replica on `other`'s storage (only meaningful for a shared backend such
     /// as `postgres_s3`); it uses the same admin token.
     pub fn start_replica_of(other: &TestServer) -> TestServer {
