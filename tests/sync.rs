@@ -692,3 +692,22 @@ fn ignored_files_and_the_trash_stay_on_their_device() {
         fs::read(c.p(1, "docs/report.txt")).ok().as_deref() == Some(&b"report"[..])
     });
 }
+
+#[test]
+fn a_remote_delete_never_takes_a_local_ignored_file() {
+    let c = Cluster::new(2);
+    fs::write(c.p(0, ".deltaignore"), b"*.log\n").unwrap();
+    fs::create_dir(c.p(0, "proj")).unwrap();
+    fs::write(c.p(0, "proj/a.txt"), b"synced").unwrap();
+    c.converge("initial");
+    // A keeps a local-only file in the folder; B deletes the folder.
+    fs::write(c.p(0, "proj/build.log"), b"only on A").unwrap();
+    c.wait("the log stays local", || pending(&c.devices[0].home) == 0);
+    fs::remove_dir_all(c.p(1, "proj")).unwrap();
+    c.wait("the delete reached A", || !c.p(0, "proj/a.txt").exists());
+    c.wait("both devices idle", || {
+        pending(&c.devices[0].home) == 0 && pending(&c.devices[1].home) == 0
+    });
+    assert_eq!(fs::read(c.p(0, "proj/build.log")).unwrap(), b"only on A");
+    assert!(!c.p(1, "proj/build.log").exists());
+}

@@ -279,6 +279,7 @@ impl FsCore {
         let mut entries: HashMap<(u64, Vec<u8>), Option<u64>> = HashMap::new();
         let mut parents_touched: HashSet<u64> = HashSet::new();
         let mut nlink_delta: HashMap<u64, i64> = HashMap::new();
+        let kept = self.folders_to_keep(a)?;
         for ch in &a.local_changes {
             let LocalChange::Remove(id) = ch else {
                 continue;
@@ -289,6 +290,25 @@ impl FsCore {
             let Some(i) = store.get_inode(ino)?.filter(|i| i.object == *id) else {
                 continue;
             };
+            if kept.contains(id) {
+                // It holds local files the remote change does not know (ignored ones): the
+                // folder stays, as a new object announced again at the next seal.
+                let mut k = i.clone();
+                k.object = ObjectId::random();
+                k.ctime = now;
+                b.delete_object_index(id);
+                b.put_inode(&k);
+                b.delete_object_state(id);
+                b.clear_pending(id);
+                self.capture.drop_pending(id);
+                self.capture.touch(&mut b, &k, false);
+                tracing::warn!(
+                    "a remote change deleted folder {:?}, which holds files this device does \
+                     not sync; the folder stays here",
+                    String::from_utf8_lossy(&i.name)
+                );
+                continue;
+            }
             b.delete_dirent(i.parent, &i.name);
             entries.insert((i.parent, i.name.clone()), None);
             parents_touched.insert(i.parent);
@@ -627,6 +647,68 @@ impl FsCore {
         }
         out.copies = copy_txs;
         Ok(out)
+    }
+
+    /// Folders the apply removes that still hold an entry the apply neither removes nor
+    /// moves away (a local file no other device knows, such as an ignored one).
+    fn folders_to_keep(&self, a: &LocalApply) -> Result<HashSet<ObjectId>, ApplyError> {
+        let store = &*self.store;
+        let removed: HashSet<ObjectId> = a
+            .local_changes
+            .iter()
+            .filter_map(|c| match c {
+                LocalChange::Remove(id) => Some(*id),
+                LocalChange::Put { .. } => None,
+            })
+            .collect();
+        let moved_to: HashMap<ObjectId, ObjectId> = a
+            .local_changes
+            .iter()
+            .filter_map(|c| match c {
+                LocalChange::Put { state, .. } => Some((state.id, state.parent)),
+                LocalChange::Remove(_) => None,
+            })
+            .collect();
+        let mut dirs: Vec<(ObjectId, Vec<ObjectId>)> = Vec::new();
+        for id in &removed {
+            let Some(ino) = store.ino_of_object(id)? else {
+                continue;
+            };
+            let Some(i) = store.get_inode(ino)? else {
+                continue;
+            };
+            if i.kind != FileKind::Directory || i.object != *id {
+                continue;
+            }
+            let mut children = Vec::new();
+            for e in store.list_dir(ino)? {
+                if let Some(c) = store.get_inode(e.ino)? {
+                    children.push(c.object);
+                }
+            }
+            dirs.push((*id, children));
+        }
+        let mut kept = HashSet::new();
+        loop {
+            let mut changed = false;
+            for (id, children) in &dirs {
+                if kept.contains(id) {
+                    continue;
+                }
+                let stays = children.iter().any(|c| {
+                    let removed_here = removed.contains(c) && !kept.contains(c);
+                    let moved_away = moved_to.get(c).is_some_and(|p| p != id);
+                    !removed_here && !moved_away
+                });
+                if stays {
+                    kept.insert(*id);
+                    changed = true;
+                }
+            }
+            if !changed {
+                return Ok(kept);
+            }
+        }
     }
 
     fn resolve_parent(
