@@ -657,3 +657,6 @@ fn apply_delta(
         .map_err(|e| ApiError::Unprocessable(format!("cannot apply delta: {e}")))?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;
