@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use super::body_error;
 use crate::changelog::ObjectId;
 use crate::server::auth::DeviceAuth;
-use crate::server::backend::{BackendError, ChunkId, StoredKind};
+use crate::server::backend::{ChunkId, StoredKind};
+use crate::server::content::read_range;
 use crate::server::error::ApiError;
-use crate::server::storage::CHUNK_SIZE;
 use crate::server::AppState;
 
 /// The header carrying the user's head sequence.
@@ -302,30 +302,8 @@ pub async fn content(
         None => None,
     };
     let (start, end) = range.unwrap_or((0, size));
-    let mut out = Vec::with_capacity((end - start) as usize);
-    let chunk = CHUNK_SIZE as u64;
-    let first = (start / chunk) as usize;
-    let last = if end == 0 {
-        0
-    } else {
-        ((end - 1) / chunk) as usize + 1
-    };
-    for (i, c) in chunks.iter().enumerate().take(last).skip(first) {
-        let bytes = match state.backend.get_chunk(*c).await {
-            Ok(b) => b,
-            Err(BackendError::NotFound) => {
-                return Err(ApiError::Internal(format!(
-                    "chunk {} missing",
-                    hex::encode(c)
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let base = i as u64 * chunk;
-        let s = start.saturating_sub(base).min(bytes.len() as u64) as usize;
-        let e = (end - base).min(bytes.len() as u64) as usize;
-        out.extend_from_slice(&bytes[s..e.max(s)]);
-    }
+    // Only the chunks holding the range are read.
+    let out = read_range(state.backend.as_ref(), &chunks, size, start, end).await?;
     let mut h = HeaderMap::new();
     h.insert(
         header::CONTENT_TYPE,
