@@ -25,7 +25,7 @@ use super::backend::{
     AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HeadEvent, HistoryEntry, ObjectState,
     StoredKind,
 };
-use super::content::Content;
+use super::content::{read_range, Content};
 use super::error::{ApiError, StaleOp};
 
 pub use super::content::CHUNK_SIZE;
@@ -644,11 +644,12 @@ impl Storage {
                 Ok(c)
             }
             Delta::Rsync(_) => {
-                let base = ov
-                    .content_of(s)
-                    .await?
-                    .read_all(self.backend.as_ref())
-                    .await?;
+                let backend = self.backend.as_ref();
+                // Stored content is read as is, without computing chaining values it may lack.
+                let base = match ov.content.get(&s.id) {
+                    Some(c) => c.read_all(backend).await?,
+                    None => read_range(backend, &s.chunks, s.size, 0, s.size).await?,
+                };
                 let limit = usize::try_from(cap).unwrap_or(usize::MAX);
                 let out = crate::delta::apply(&base, delta, limit).map_err(delta_error)?;
                 drop(base);

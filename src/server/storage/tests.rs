@@ -544,6 +544,65 @@ async fn a_ranges_write_to_a_large_file_reads_and_writes_only_the_chunks_it_touc
     assert_eq!(b.counts(), (2, 0));
 }
 
+/// Rewrites the file's record as one written before chaining values were kept (or, with
+/// `corrupt`, one whose chunks are out of order), as a commit of its own.
+async fn make_old_record(b: &dyn Backend, f: ObjectId, corrupt: bool) {
+    let (_, mut o) = stored(b, f).await;
+    o.chunk_cvs = None;
+    if corrupt {
+        o.chunks.swap(0, 1);
+    }
+    let head = b.head("u".into()).await.unwrap();
+    let batch = CommitBatch {
+        expected_head: head,
+        entries: vec![(head + 1, b"-".to_vec())],
+        put_objects: vec![o],
+        history_keep: 3,
+        idempotency: (format!("old-record-{head}"), AppendRecord::default()),
+        ..CommitBatch::default()
+    };
+    b.commit("u".into(), batch).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsync_writes_apply_to_the_appends_own_content_and_to_old_records() {
+    use crate::delta::{rsync_delta, BlockSignature};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (s, b) = counted(dir.path(), 1 << 30);
+    let f = ObjectId::random();
+    let v1 = pattern(2 * MIB + 3, 5);
+    append(
+        &s,
+        vec![create(f), write(f, 1, b"", &v1, Delta::Whole(v1.clone()))],
+    )
+    .await;
+    // A Ranges write, then an rsync delta against its result, in one append.
+    let mut v2 = v1.clone();
+    v2[MIB - 1..MIB + 1].copy_from_slice(b"<>");
+    let d2 = Delta::Ranges {
+        new_size: v2.len() as u64,
+        ranges: vec![((MIB - 1) as u64, b"<>".to_vec())],
+    };
+    let mut v3 = v2.clone();
+    v3.splice(1000..1000, b"inserted".iter().copied());
+    let d3 = rsync_delta(&BlockSignature::calculate(&v2), &v3).expect("rsync delta");
+    append(
+        &s,
+        vec![write(f, 2, &v1, &v2, d2), write(f, 3, &v2, &v3, d3)],
+    )
+    .await;
+    check_stored(b.as_ref(), f, &v3).await;
+    // On an old record the base is read once, chunk by chunk.
+    make_old_record(b.as_ref(), f, false).await;
+    b.reset();
+    let mut v4 = v3.clone();
+    v4.drain(MIB..MIB + 500);
+    let d4 = rsync_delta(&BlockSignature::calculate(&v3), &v4).expect("rsync delta");
+    append(&s, vec![write(f, 4, &v3, &v4, d4)]).await;
+    assert_eq!(b.counts().0, 3, "each of the 3 chunks read once");
+    check_stored(b.as_ref(), f, &v4).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_without_chaining_values_get_them_on_their_first_ranges_write() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -556,20 +615,8 @@ async fn records_without_chaining_values_get_them_on_their_first_ranges_write() 
     )
     .await;
     // Make the record look like one written before chaining values were kept.
-    let (_, mut o) = stored(b.as_ref(), f).await;
-    o.chunk_cvs = None;
-    let head = b.head("u".into()).await.unwrap();
-    let rewrite = |o: ObjectState, head: u64| CommitBatch {
-        expected_head: head,
-        entries: vec![(head + 1, b"-".to_vec())],
-        put_objects: vec![o],
-        history_keep: 3,
-        idempotency: (format!("legacy-{head}"), AppendRecord::default()),
-        ..CommitBatch::default()
-    };
-    b.commit("u".into(), rewrite(o.clone(), head))
-        .await
-        .unwrap();
+    make_old_record(b.as_ref(), f, false).await;
+    let (_, o) = stored(b.as_ref(), f).await;
     let json = serde_json::to_string(&o).unwrap();
     assert!(
         !json.contains("chunk_cvs"),
@@ -593,11 +640,7 @@ async fn records_without_chaining_values_get_them_on_their_first_ranges_write() 
     check_stored(b.as_ref(), f, &v2).await;
 
     // A record whose chunks do not give its hash is reported, not built on.
-    let (_, mut o) = stored(b.as_ref(), f).await;
-    o.chunk_cvs = None;
-    o.chunks.swap(0, 1);
-    let head = b.head("u".into()).await.unwrap();
-    b.commit("u".into(), rewrite(o, head)).await.unwrap();
+    make_old_record(b.as_ref(), f, true).await;
     let d = Delta::Ranges {
         new_size: v2.len() as u64,
         ranges: vec![(8, vec![0])],
