@@ -10,9 +10,10 @@
 //! no content names them any more) until the append commits; nothing here writes to the backend.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use futures_util::stream::{self, Stream, StreamExt};
 
 use crate::changelog::empty_hash;
 use crate::delta::hash_tree::{leaf_cv, LeafHashes, LEAF_LEN};
@@ -100,6 +101,62 @@ pub async fn read_range(
         out.extend_from_slice(&bytes[s..e]);
     }
     Ok(out)
+}
+
+/// Bytes `[start, end)` like [`read_range`], as a stream that holds at most two chunks at a
+/// time (the next one is read while the current one is sent). The first chunk is read before
+/// this returns, so content missing from the start is an error answer, not a cut stream.
+///
+/// # Errors
+/// As [`read_range`], for the first chunk; later chunks fail the stream.
+pub async fn stream_range(
+    backend: Arc<dyn Backend>,
+    chunks: Vec<ChunkId>,
+    size: u64,
+    start: u64,
+    end: u64,
+) -> Result<impl Stream<Item = Result<Bytes, ApiError>> + Send + 'static, ApiError> {
+    if chunks.len() as u64 != chunk_count(size) {
+        return Err(ApiError::Internal(format!(
+            "the content has {} chunks for {size} bytes, not {}",
+            chunks.len(),
+            chunk_count(size)
+        )));
+    }
+    let end = end.min(size);
+    let (first, last) = if start < end {
+        (start / CHUNK, end.div_ceil(CHUNK))
+    } else {
+        (0, 0)
+    };
+    // The part of chunk `i` inside the range.
+    let part = move |i: u64, bytes: Bytes| {
+        let base = i * CHUNK;
+        let s = start.saturating_sub(base) as usize;
+        let e = (end - base).min(bytes.len() as u64) as usize;
+        bytes.slice(s..e)
+    };
+    let head = if first < last {
+        let i = first as usize;
+        Some(part(
+            first,
+            read_stored(backend.as_ref(), &chunks[i], chunk_len(size, first)).await?,
+        ))
+    } else {
+        None
+    };
+    let rest = stream::iter((first + 1)..last)
+        .map(move |i| {
+            let backend = backend.clone();
+            let id = chunks[i as usize];
+            async move {
+                read_stored(backend.as_ref(), &id, chunk_len(size, i))
+                    .await
+                    .map(|b| part(i, b))
+            }
+        })
+        .buffered(2);
+    Ok(stream::iter(head.map(Ok)).chain(rest))
 }
 
 /// One chunk of a content: already in the backend, or made by the append in progress.

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::TryStreamExt;
 use proptest::prelude::*;
 
 use crate::changelog::{
@@ -15,7 +16,7 @@ use crate::server::backend::{
     AppendRecord, Backend, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries, HeadEvent,
     HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
 };
-use crate::server::content::read_range;
+use crate::server::content::{read_range, stream_range};
 use crate::server::error::ApiError;
 
 use super::{Storage, StorageConfig, CHUNK_SIZE};
@@ -542,6 +543,43 @@ async fn a_ranges_write_to_a_large_file_reads_and_writes_only_the_chunks_it_touc
     .unwrap();
     assert_eq!(part, &v6[MIB - 1..MIB + 1]);
     assert_eq!(b.counts(), (2, 0));
+
+    // A streamed read of 20 MiB from the middle reads the 21 chunks holding it, once each.
+    b.reset();
+    let (a, z) = (10 * MIB + 7, 30 * MIB + 7);
+    let backend: Arc<dyn Backend> = b.clone();
+    let parts: Vec<bytes::Bytes> = stream_range(
+        backend.clone(),
+        o.chunks.clone(),
+        o.size,
+        a as u64,
+        z as u64,
+    )
+    .await
+    .expect("first chunk")
+    .try_collect()
+    .await
+    .expect("stream");
+    assert!(parts.concat() == v6[a..z]);
+    assert_eq!(b.counts(), (21, 0));
+    // A chunk missing at the start is an error answer; one missing later cuts the stream.
+    let mut holes = o.chunks.clone();
+    holes[12] = [0xee; 32];
+    assert!(stream_range(
+        backend.clone(),
+        holes.clone(),
+        o.size,
+        (12 * MIB) as u64,
+        o.size
+    )
+    .await
+    .is_err());
+    let cut: Result<Vec<bytes::Bytes>, ApiError> = stream_range(backend, holes, o.size, 0, o.size)
+        .await
+        .expect("first chunk is there")
+        .try_collect()
+        .await;
+    assert!(cut.unwrap_err().to_string().contains("missing"));
 }
 
 /// Rewrites the file's record as one written before chaining values were kept (or, with
