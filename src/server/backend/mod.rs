@@ -128,11 +128,22 @@ mod xattr_pairs {
         pairs.serialize(s)
     }
 
+    /// Records written before the pairs hold a JSON map; only empty ones could be written
+    /// (a non-empty map failed to serialize), and every object record has one.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Pairs(Vec<(Vec<u8>, Vec<u8>)>),
+        OldMap(BTreeMap<String, Vec<u8>>),
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, D::Error> {
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::deserialize(d)?;
-        Ok(pairs.into_iter().collect())
+        Ok(match Stored::deserialize(d)? {
+            Stored::Pairs(pairs) => pairs.into_iter().collect(),
+            Stored::OldMap(map) => map.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect(),
+        })
     }
 }
 
@@ -288,6 +299,23 @@ pub trait Backend: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::ObjectState;
+
+    #[test]
+    fn records_from_before_xattr_pairs_are_read() {
+        let old = r#"{"id":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"parent":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],
+            "name":[102],"kind":"Directory","version":1,"mode":493,"mtime_ns":0,"size":0,
+            "hash":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],
+            "chunks":[],"xattrs":{},"seq":1}"#;
+        let mut o: ObjectState = serde_json::from_str(old).expect("an old record, empty map");
+        assert!(o.xattrs.is_empty());
+        o.xattrs.insert(vec![0, 255], vec![1]);
+        let json = serde_json::to_string(&o).expect("encode");
+        assert!(json.contains(r#""xattrs":[[[0,255],[1]]]"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<ObjectState>(&json).expect("decode"),
+            o
+        );
+    }
 
     #[test]
     fn chunk_chaining_values_are_one_hex_string_and_optional() {
