@@ -917,6 +917,101 @@ async fn content_from_whole_ranges_and_rsync_deltas_and_history() {
     let _ = empty_hash();
 }
 
+/// Writes that the server applies chunk by chunk (1 MiB chunks): several Ranges ops and
+/// truncates on one file in one append, across chunk boundaries, then Range reads and history,
+/// byte for byte against applying the same deltas in memory.
+#[tokio::test]
+async fn several_chunked_writes_in_one_append_and_range_reads() {
+    const MIB: usize = 1 << 20;
+    let s = TestServer::start_with(&["--history-versions", "5"]);
+    let c = s.device("alice", "laptop").await;
+    let f = new_file(&c, "big.bin").await;
+    let id = f.to_hex();
+    let v1: Vec<u8> = (0..3 * MIB + 17)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[1])
+        .collect();
+    append(
+        &c,
+        vec![tx(vec![write(f, 1, b"", &v1, Delta::Whole(v1.clone()))])],
+    )
+    .await
+    .unwrap();
+    // Patch across the first boundary, cut inside chunk 1, grow to 5 MiB + 1 with a write at
+    // the end, and cut again: four ops, one append.
+    let mut ops = Vec::new();
+    let mut content = v1.clone();
+    let mut version = 2;
+    let deltas = vec![
+        (3 * MIB + 17, vec![(MIB as u64 - 4, b"boundary".to_vec())]),
+        (MIB + 100, vec![]),
+        (5 * MIB + 1, vec![(5 * MIB as u64 - 2, b"end".to_vec())]),
+        (4 * MIB + 3, vec![(2 * MIB as u64, vec![7; MIB])]),
+    ];
+    for (new_size, ranges) in deltas {
+        let delta = Delta::Ranges {
+            new_size: new_size as u64,
+            ranges,
+        };
+        let next = deltadrive::delta::apply(&content, &delta, usize::MAX).unwrap();
+        ops.push(write(f, version, &content, &next, delta));
+        content = next;
+        version += 1;
+    }
+    let cut = content[..2 * MIB + 5].to_vec();
+    ops.push(op(
+        f,
+        version,
+        OpKind::Truncate {
+            new_size: cut.len() as u64,
+            new_hash: *blake3::hash(&cut).as_bytes(),
+        },
+    ));
+    let mut grown = cut.clone();
+    grown.resize(3 * MIB, 0);
+    ops.push(op(
+        f,
+        version + 1,
+        OpKind::Truncate {
+            new_size: grown.len() as u64,
+            new_hash: *blake3::hash(&grown).as_bytes(),
+        },
+    ));
+    append(&c, vec![tx(ops)]).await.unwrap();
+    assert!(c.content(&id, None, None).await.unwrap() == grown);
+    for (a, b) in [
+        (0, 10),
+        (MIB - 3, MIB + 3),
+        (2 * MIB, 2 * MIB + 9),
+        (3 * MIB - 1, 3 * MIB - 1),
+    ] {
+        let part = c
+            .content(&id, None, Some((a as u64, b as u64)))
+            .await
+            .unwrap();
+        assert_eq!(part, &grown[a..=b], "bytes {a}..={b}");
+    }
+    // The final version of that append is in history; the one before it too.
+    let v = version + 2;
+    assert!(c.content(&id, Some(v), None).await.unwrap() == grown);
+    assert!(c.content(&id, Some(2), None).await.unwrap() == v1);
+    // A Ranges op whose result does not match its hash is refused.
+    let bad = op(
+        f,
+        v,
+        OpKind::Write {
+            base_hash: *blake3::hash(&grown).as_bytes(),
+            new_hash: *blake3::hash(b"something else").as_bytes(),
+            new_size: grown.len() as u64,
+            delta: Delta::Ranges {
+                new_size: grown.len() as u64,
+                ranges: vec![(2 * MIB as u64, b"x".to_vec())],
+            },
+        },
+    );
+    let e = append(&c, vec![tx(vec![bad])]).await.unwrap_err();
+    assert_eq!(status(&e), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_during_concurrent_appends_keeps_every_acknowledged_append() {
     let mut s = TestServer::start();

@@ -28,7 +28,9 @@ fn leaf_count(len: u64) -> u64 {
     len.div_ceil(LEAF_LEN)
 }
 
-fn leaf_cv(index: u64, data: &[u8]) -> ChainingValue {
+/// The chaining value of leaf `index` holding `data` (at most [`LEAF_LEN`] bytes; shorter
+/// only for the last leaf of a content).
+pub fn leaf_cv(index: u64, data: &[u8]) -> ChainingValue {
     let mut h = blake3::Hasher::new();
     h.set_input_offset(index * LEAF_LEN);
     h.update(data);
@@ -52,6 +54,31 @@ impl LeafHashes {
             .map(|(i, c)| leaf_cv(i as u64, c))
             .collect();
         LeafHashes { len, leaves }
+    }
+
+    /// Leaves already computed, for content of `len` bytes (one value per started leaf).
+    ///
+    /// # Errors
+    /// The number of leaves does not match `len`.
+    pub fn from_leaves(len: u64, leaves: Vec<ChainingValue>) -> Result<LeafHashes, LeafHashError> {
+        if leaves.len() as u64 != leaf_count(len) {
+            return Err(LeafHashError::Malformed("leaf count does not match length"));
+        }
+        Ok(LeafHashes { len, leaves })
+    }
+
+    /// The chaining value of every leaf, in order.
+    pub fn leaves(&self) -> &[ChainingValue] {
+        &self.leaves
+    }
+
+    /// The BLAKE3 hash of the whole content when it spans more than one leaf; `None` for
+    /// content of one leaf or less, whose hash is `blake3::hash` of that leaf's bytes.
+    pub fn root(&self) -> Option<[u8; 32]> {
+        (self.len > LEAF_LEN).then(|| {
+            let (l, r) = self.split(0, self.leaves.len());
+            *merge_subtrees_root(&l, &r, Mode::Hash).as_bytes()
+        })
     }
 
     /// Content length these leaves describe.
@@ -112,12 +139,9 @@ impl LeafHashes {
     /// here it is rebuilt from that leaf's bytes, so callers must keep small contents'
     /// root via [`LeafHashes::root_with`].
     pub fn root_with(&self, small_content: impl FnOnce() -> Vec<u8>) -> [u8; 32] {
-        if self.len <= LEAF_LEN {
-            // A single chunk-run is the root itself: it must be finalized as root.
-            return *blake3::hash(&small_content()).as_bytes();
-        }
-        let (l, r) = self.split(0, self.leaves.len());
-        *merge_subtrees_root(&l, &r, Mode::Hash).as_bytes()
+        // A single chunk-run is the root itself: it must be finalized as root.
+        self.root()
+            .unwrap_or_else(|| *blake3::hash(&small_content()).as_bytes())
     }
 
     /// Chaining values of the left and right subtrees of leaves `[from, to)`.
@@ -229,6 +253,24 @@ mod tests {
         assert_eq!(
             hashes.root_with(|| unreachable!()),
             *blake3::hash(&content).as_bytes()
+        );
+    }
+
+    #[test]
+    fn leaves_rebuilt_from_their_values_give_the_same_root() {
+        let content: Vec<u8> = (0..3 * LEAF_LEN as usize + 5).map(|i| i as u8).collect();
+        let h = LeafHashes::of(&content);
+        let again = LeafHashes::from_leaves(h.len(), h.leaves().to_vec()).unwrap();
+        assert_eq!(again.root(), Some(*blake3::hash(&content).as_bytes()));
+        assert_eq!(
+            h.leaves()[1],
+            leaf_cv(1, &content[LEAF_LEN as usize..2 * LEAF_LEN as usize])
+        );
+        assert!(LeafHashes::from_leaves(h.len(), h.leaves()[..3].to_vec()).is_err());
+        assert_eq!(
+            LeafHashes::of(&content[..100]).root(),
+            None,
+            "one leaf: hash its bytes"
         );
     }
 

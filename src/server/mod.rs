@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod content;
 pub mod error;
 pub mod metrics;
 pub mod storage;

@@ -9,24 +9,26 @@
 //! content size cap. Wake-ups of long polls go through a per-user `watch` channel, fed by this
 //! process's appends and by the backend's head events (appends made through other replicas).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::changelog::{
-    decode_changelog, empty_hash, encode_transaction, validate, ChangeLog, Delta, ObjectId,
-    ObjectKind, Op, OpKind,
+    decode_changelog, empty_hash, encode_transaction, validate, ChangeLog, ContentHash, Delta,
+    ObjectId, ObjectKind, Op, OpKind,
 };
+use crate::delta::DeltaError;
 
 use super::backend::{
     AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HeadEvent, HistoryEntry, ObjectState,
     StoredKind,
 };
+use super::content::{read_range, Content};
 use super::error::{ApiError, StaleOp};
 
-/// Content is stored as chunks of this size (the last one shorter).
-pub const CHUNK_SIZE: usize = 1 << 20;
+pub use super::content::CHUNK_SIZE;
 
 /// Limits and retention of the storage role.
 #[derive(Clone, Debug)]
@@ -89,17 +91,10 @@ fn root_state() -> ObjectState {
         size: 0,
         hash: empty_hash(),
         chunks: Vec::new(),
+        chunk_cvs: Some(Vec::new()),
         xattrs: BTreeMap::new(),
         seq: 0,
     }
-}
-
-/// Splits content into chunks named by their BLAKE3 hash.
-pub fn split_chunks(content: &[u8]) -> Vec<(ChunkId, Vec<u8>)> {
-    content
-        .chunks(CHUNK_SIZE)
-        .map(|c| (*blake3::hash(c).as_bytes(), c.to_vec()))
-        .collect()
 }
 
 /// A directory entry: (parent, name).
@@ -117,8 +112,8 @@ struct Overlay<'a> {
     entries: HashMap<EntryKey, Option<[u8; 16]>>,
     /// Committed entries of folders read so far.
     listed: HashMap<[u8; 16], DirEntries>,
-    /// New content of files written so far.
-    content: HashMap<[u8; 16], Vec<u8>>,
+    /// New content of files written so far (new chunks held in memory until the commit).
+    content: HashMap<[u8; 16], Content>,
     /// Content changes to record in history: object → (version, time, device).
     history: Vec<([u8; 16], u64, i64, String)>,
 }
@@ -171,15 +166,22 @@ impl<'a> Overlay<'a> {
         Ok(self.children(dir).await?.iter().any(|(n, _)| n == name))
     }
 
-    async fn content_of(&mut self, s: &ObjectState) -> Result<Vec<u8>, ApiError> {
-        if let Some(c) = self.content.get(&s.id) {
-            return Ok(c.clone());
+    /// The file's content after the ops applied so far (cheap to clone: chunks are shared).
+    async fn content_of(&self, s: &ObjectState) -> Result<Content, ApiError> {
+        match self.content.get(&s.id) {
+            Some(c) => Ok(c.clone()),
+            None => Content::load(self.backend, s).await,
         }
-        let mut out = Vec::with_capacity(usize::try_from(s.size).unwrap_or(0));
-        for c in &s.chunks {
-            out.extend(self.backend.get_chunk(*c).await?);
-        }
-        Ok(out)
+    }
+
+    /// Records `content` as the file's new content in `s`, which becomes its state.
+    fn set_content(&mut self, mut s: ObjectState, content: Content, hash: ContentHash) {
+        s.size = content.size();
+        s.hash = hash;
+        s.chunks = content.chunk_ids();
+        s.chunk_cvs = Some(content.chunk_cvs().to_vec());
+        self.content.insert(s.id, content);
+        self.set(s.id, Some(s));
     }
 }
 
@@ -195,15 +197,12 @@ fn kind_name(k: &StoredKind) -> &'static str {
     }
 }
 
-/// Resizes `content` to `size` (cut, or extended with zeros).
-fn resize(content: &mut Vec<u8>, size: u64, cap: u64) -> Result<(), ApiError> {
+fn check_size(size: u64, cap: u64) -> Result<(), ApiError> {
     if size > cap {
         return Err(ApiError::Unprocessable(format!(
             "file size {size} exceeds the server's limit of {cap} bytes"
         )));
     }
-    let n = usize::try_from(size).map_err(|_| ApiError::Unprocessable("size too large".into()))?;
-    content.resize(n, 0);
     Ok(())
 }
 
@@ -275,9 +274,7 @@ impl Storage {
             ));
         }
         let head = self.backend.head(user.to_string()).await?;
-        let batch = self.check_and_apply(user, head, &log).await?;
-        let chunks: Vec<(ChunkId, Vec<u8>)> = batch.1;
-        let mut batch = batch.0;
+        let (mut batch, chunks) = self.check_and_apply(user, head, &log).await?;
         let rec = AppendRecord {
             first_seq: head + 1,
             last_seq: head + log.transactions.len() as u64,
@@ -296,7 +293,7 @@ impl Storage {
         user: &str,
         head: u64,
         log: &ChangeLog,
-    ) -> Result<(CommitBatch, Vec<(ChunkId, Vec<u8>)>), ApiError> {
+    ) -> Result<(CommitBatch, Vec<(ChunkId, Bytes)>), ApiError> {
         let mut ov = Overlay {
             backend: self.backend.as_ref(),
             user,
@@ -377,16 +374,13 @@ impl Storage {
                 None => batch.delete_objects.push(*id),
             }
         }
+        // The chunks made for the final content of every file still there (the chunk lists are
+        // already in the states); intermediate ones of a file written twice are dropped.
         let mut chunks = Vec::new();
-        let mut chunked: HashMap<[u8; 16], Vec<ChunkId>> = HashMap::new();
-        for (id, bytes) in &ov.content {
-            let cs = split_chunks(bytes);
-            chunked.insert(*id, cs.iter().map(|(h, _)| *h).collect());
-            chunks.extend(cs);
-        }
-        for o in &mut batch.put_objects {
-            if let Some(cs) = chunked.get(&o.id) {
-                o.chunks = cs.clone();
+        let mut seen = HashSet::new();
+        for (id, content) in &ov.content {
+            if matches!(ov.current.get(id), Some(Some(_))) {
+                chunks.extend(content.new_chunks().filter(|(c, _)| seen.insert(*c)));
             }
         }
         // History: the version each content change produced (the final content of a file
@@ -406,10 +400,7 @@ impl Storage {
                         time_ms,
                         device,
                         seq: o.seq,
-                        chunks: chunked
-                            .get(&id)
-                            .cloned()
-                            .unwrap_or_else(|| o.chunks.clone()),
+                        chunks: o.chunks.clone(),
                     },
                 ));
             }
@@ -469,6 +460,7 @@ impl Storage {
                     size: 0,
                     hash: empty_hash(),
                     chunks: Vec::new(),
+                    chunk_cvs: Some(Vec::new()),
                     xattrs: BTreeMap::new(),
                     seq,
                 };
@@ -501,21 +493,11 @@ impl Storage {
                         self.config.max_object_bytes
                     )));
                 }
-                let base = ov.content_of(&s).await?;
-                let out = apply_delta(
-                    &base,
-                    delta,
-                    base_hash,
-                    new_hash,
-                    *new_size,
-                    self.config.max_object_bytes,
-                )?;
-                s.size = out.len() as u64;
-                s.hash = *new_hash;
+                let content = self.apply_delta(ov, &s, delta, *new_size).await?;
+                check_result(&content, new_hash, *new_size)?;
                 s.version = op.new_version;
                 s.seq = seq;
-                ov.content.insert(id, out);
-                ov.set(id, Some(s));
+                ov.set_content(s, content, *new_hash);
                 ov.history
                     .push((id, op.new_version, time_ms, device.to_string()));
             }
@@ -524,19 +506,18 @@ impl Storage {
                 if s.kind != StoredKind::File {
                     return Err(conflict(format!("truncate of a {}", kind_name(&s.kind))));
                 }
+                check_size(*new_size, self.config.max_object_bytes)?;
                 let mut c = ov.content_of(&s).await?;
-                resize(&mut c, *new_size, self.config.max_object_bytes)?;
-                if blake3::hash(&c).as_bytes() != new_hash {
+                c.apply_ranges(self.backend.as_ref(), *new_size, &[])
+                    .await?;
+                if c.hash()? != *new_hash {
                     return Err(ApiError::Unprocessable(
                         "the truncated content does not match the op's new hash".into(),
                     ));
                 }
-                s.size = *new_size;
-                s.hash = *new_hash;
                 s.version = op.new_version;
                 s.seq = seq;
-                ov.content.insert(id, c);
-                ov.set(id, Some(s));
+                ov.set_content(s, c, *new_hash);
                 ov.history
                     .push((id, op.new_version, time_ms, device.to_string()));
             }
@@ -627,6 +608,62 @@ impl Storage {
         Ok(())
     }
 
+    /// A `Write` op's new content: `Ranges` patches only the chunks it touches; `Whole` needs
+    /// no base; `Rsync` reads the whole base. The base is the file's current content, whose
+    /// hash the caller checked against the op's base hash. The result is not checked here.
+    async fn apply_delta(
+        &self,
+        ov: &Overlay<'_>,
+        s: &ObjectState,
+        delta: &Delta,
+        new_size: u64,
+    ) -> Result<Content, ApiError> {
+        let cap = self.config.max_object_bytes;
+        match delta {
+            Delta::Whole(bytes) => {
+                if bytes.len() as u64 != new_size {
+                    return Err(delta_error(DeltaError::ResultSizeMismatch {
+                        expected: new_size,
+                        actual: bytes.len() as u64,
+                    }));
+                }
+                Content::from_bytes(bytes).await
+            }
+            Delta::Ranges {
+                new_size: size,
+                ranges,
+            } => {
+                if *size != new_size {
+                    return Err(delta_error(DeltaError::ResultSizeMismatch {
+                        expected: new_size,
+                        actual: *size,
+                    }));
+                }
+                let mut c = ov.content_of(s).await?;
+                c.apply_ranges(self.backend.as_ref(), *size, ranges).await?;
+                Ok(c)
+            }
+            Delta::Rsync(_) => {
+                let backend = self.backend.as_ref();
+                // Stored content is read as is, without computing chaining values it may lack.
+                let base = match ov.content.get(&s.id) {
+                    Some(c) => c.read_all(backend).await?,
+                    None => read_range(backend, &s.chunks, s.size, 0, s.size).await?,
+                };
+                let limit = usize::try_from(cap).unwrap_or(usize::MAX);
+                let out = crate::delta::apply(&base, delta, limit).map_err(delta_error)?;
+                drop(base);
+                if out.len() as u64 != new_size {
+                    return Err(delta_error(DeltaError::ResultSizeMismatch {
+                        expected: new_size,
+                        actual: out.len() as u64,
+                    }));
+                }
+                Content::from_bytes(&out).await
+            }
+        }
+    }
+
     async fn check_parent(&self, ov: &mut Overlay<'_>, parent: [u8; 16]) -> Result<(), ApiError> {
         match ov.get(parent).await? {
             None => Err(conflict(format!(
@@ -643,17 +680,27 @@ impl Storage {
     }
 }
 
-/// Applies a `Write` op's delta to the base content, checking hashes and the size cap.
-fn apply_delta(
-    base: &[u8],
-    delta: &Delta,
-    base_hash: &[u8; 32],
-    new_hash: &[u8; 32],
-    new_size: u64,
-    cap: u64,
-) -> Result<Vec<u8>, ApiError> {
-    let limit = usize::try_from(cap).unwrap_or(usize::MAX);
-    let out = crate::delta::apply_checked(base, base_hash, delta, new_hash, new_size, limit)
-        .map_err(|e| ApiError::Unprocessable(format!("cannot apply delta: {e}")))?;
-    Ok(out)
+fn delta_error(e: DeltaError) -> ApiError {
+    ApiError::Unprocessable(format!("cannot apply delta: {e}"))
 }
+
+/// Checks that a `Write` op's result is the content the op describes.
+fn check_result(content: &Content, new_hash: &ContentHash, new_size: u64) -> Result<(), ApiError> {
+    if content.size() != new_size {
+        return Err(delta_error(DeltaError::ResultSizeMismatch {
+            expected: new_size,
+            actual: content.size(),
+        }));
+    }
+    let actual = content.hash()?;
+    if actual != *new_hash {
+        return Err(delta_error(DeltaError::ResultHashMismatch {
+            expected: hex::encode(new_hash),
+            actual: hex::encode(actual),
+        }));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

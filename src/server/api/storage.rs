@@ -14,14 +14,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::body_error;
 use crate::changelog::ObjectId;
 use crate::server::auth::DeviceAuth;
-use crate::server::backend::{BackendError, ChunkId, StoredKind};
+use crate::server::backend::{ChunkId, StoredKind};
+use crate::server::content::{read_range, stream_range, CHUNK_SIZE};
 use crate::server::error::ApiError;
-use crate::server::storage::CHUNK_SIZE;
 use crate::server::AppState;
 
 /// The header carrying the user's head sequence.
@@ -302,35 +303,26 @@ pub async fn content(
         None => None,
     };
     let (start, end) = range.unwrap_or((0, size));
-    let mut out = Vec::with_capacity((end - start) as usize);
+    // Only the chunks holding the range are read; a range over several chunks is streamed, so
+    // a whole big file is never held in memory.
     let chunk = CHUNK_SIZE as u64;
-    let first = (start / chunk) as usize;
-    let last = if end == 0 {
-        0
+    let body = if end <= start || start / chunk == (end - 1) / chunk {
+        Body::from(read_range(state.backend.as_ref(), &chunks, size, start, end).await?)
     } else {
-        ((end - 1) / chunk) as usize + 1
+        let id_hex = id.to_hex();
+        let s = stream_range(state.backend.clone(), chunks, size, start, end)
+            .await?
+            .inspect_err(move |e| {
+                tracing::error!(object = %id_hex, error = %e, "content read failed mid-stream");
+            });
+        Body::from_stream(s)
     };
-    for (i, c) in chunks.iter().enumerate().take(last).skip(first) {
-        let bytes = match state.backend.get_chunk(*c).await {
-            Ok(b) => b,
-            Err(BackendError::NotFound) => {
-                return Err(ApiError::Internal(format!(
-                    "chunk {} missing",
-                    hex::encode(c)
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let base = i as u64 * chunk;
-        let s = start.saturating_sub(base).min(bytes.len() as u64) as usize;
-        let e = (end - base).min(bytes.len() as u64) as usize;
-        out.extend_from_slice(&bytes[s..e.max(s)]);
-    }
     let mut h = HeaderMap::new();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", hex::encode(hash))) {
         h.insert(header::ETAG, v);
@@ -339,9 +331,9 @@ pub async fn content(
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", start, end - 1, size)) {
             h.insert(header::CONTENT_RANGE, v);
         }
-        return Ok((StatusCode::PARTIAL_CONTENT, h, Body::from(out)).into_response());
+        return Ok((StatusCode::PARTIAL_CONTENT, h, body).into_response());
     }
-    Ok((StatusCode::OK, h, Body::from(out)).into_response())
+    Ok((StatusCode::OK, h, body).into_response())
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

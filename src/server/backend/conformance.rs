@@ -19,6 +19,7 @@ fn object(id: u8, parent: u8, name: &str) -> ObjectState {
         size: 0,
         hash: [0; 32],
         chunks: Vec::new(),
+        chunk_cvs: None,
         // Binary xattr names and values must survive every backend's encoding.
         xattrs: [(b"user.tag".to_vec(), vec![0, 255, 1])]
             .into_iter()
@@ -119,7 +120,12 @@ pub async fn run(b: &dyn Backend) {
     let mut events = b.head_events();
     assert_eq!(b.head(s("alice")).await.unwrap(), 0);
     let mut first = batch(0, 3, "k1");
-    first.put_objects.push(object(1, 0, "f"));
+    // A file with content keeps its chunk list and per-chunk chaining values as given.
+    let mut f = object(1, 0, "f");
+    f.size = 3 << 20;
+    f.chunks = vec![[3; 32], [4; 32], [3; 32]];
+    f.chunk_cvs = Some(vec![[5; 32], [6; 32], [7; 32]]);
+    first.put_objects.push(f.clone());
     first.put_children.push(([0; 16], b"f".to_vec(), [1; 16]));
     first.history = (1..=3).map(|v| ([1; 16], history(v))).collect();
     b.commit(s("alice"), first).await.unwrap();
@@ -168,12 +174,9 @@ pub async fn run(b: &dyn Backend) {
 
     // Objects, children, snapshot, history retention.
     assert_eq!(
-        b.get_object(s("alice"), [1; 16])
-            .await
-            .unwrap()
-            .unwrap()
-            .name,
-        b"f"
+        b.get_object(s("alice"), [1; 16]).await.unwrap(),
+        Some(f.clone()),
+        "the object state comes back whole"
     );
     assert!(b.get_object(s("bob"), [1; 16]).await.unwrap().is_none());
     assert_eq!(
@@ -182,6 +185,7 @@ pub async fn run(b: &dyn Backend) {
     );
     let (head, objects) = b.snapshot(s("alice")).await.unwrap();
     assert_eq!((head, objects.len()), (5, 1));
+    assert_eq!(objects[0], f, "the snapshot carries the whole state too");
     let kept: Vec<u64> = b
         .history(s("alice"), [1; 16])
         .await
@@ -204,8 +208,12 @@ pub async fn run(b: &dyn Backend) {
     // Chunks.
     let id = *blake3::hash(b"chunk").as_bytes();
     assert!(matches!(b.get_chunk(id).await, Err(BackendError::NotFound)));
-    b.put_chunks(vec![(id, b"chunk".to_vec())]).await.unwrap();
-    b.put_chunks(vec![(id, b"chunk".to_vec())]).await.unwrap();
+    b.put_chunks(vec![(id, bytes::Bytes::from_static(b"chunk"))])
+        .await
+        .unwrap();
+    b.put_chunks(vec![(id, bytes::Bytes::from_static(b"chunk"))])
+        .await
+        .unwrap();
     assert_eq!(b.get_chunk(id).await.unwrap(), b"chunk");
 
     // Removing a user removes everything of theirs, and only theirs.

@@ -99,8 +99,15 @@ pub struct ObjectState {
     pub mtime_ns: i64,
     pub size: u64,
     pub hash: [u8; 32],
-    /// The content as consecutive chunks (files only).
+    /// The content as consecutive chunks (files only), each `CHUNK_SIZE` bytes but the last,
+    /// so byte `o` is in chunk `o / CHUNK_SIZE`.
     pub chunks: Vec<ChunkId>,
+    /// The BLAKE3 chaining value of each chunk at its place in the content
+    /// (`delta::hash_tree::leaf_cv`), so the content hash after an edit comes from rehashing
+    /// only the chunks it changed. Kept as one hex string in records; `None` in records written
+    /// before they were kept (the storage service then computes them once from the chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_cvs")]
+    pub chunk_cvs: Option<Vec<[u8; 32]>>,
     /// Stored as a list of pairs: JSON map keys must be strings, xattr names are bytes.
     #[serde(with = "xattr_pairs")]
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -121,11 +128,56 @@ mod xattr_pairs {
         pairs.serialize(s)
     }
 
+    /// Records written before the pairs hold a JSON map; only empty ones could be written
+    /// (a non-empty map failed to serialize), and every object record has one.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Pairs(Vec<(Vec<u8>, Vec<u8>)>),
+        OldMap(BTreeMap<String, Vec<u8>>),
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, D::Error> {
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::deserialize(d)?;
-        Ok(pairs.into_iter().collect())
+        Ok(match Stored::deserialize(d)? {
+            Stored::Pairs(pairs) => pairs.into_iter().collect(),
+            Stored::OldMap(map) => map.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect(),
+        })
+    }
+}
+
+/// Chaining values as one hex string (64 digits each) instead of JSON arrays of numbers.
+mod hex_cvs {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<[u8; 32]>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(cvs) => s.serialize_some(&hex::encode(cvs.concat())),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<[u8; 32]>>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let bytes = hex::decode(&text).map_err(serde::de::Error::custom)?;
+        if bytes.len() % 32 != 0 {
+            return Err(serde::de::Error::custom(
+                "chunk chaining values are not a whole number of 32-byte values",
+            ));
+        }
+        Ok(Some(
+            bytes
+                .chunks_exact(32)
+                .map(|c| {
+                    let mut a = [0u8; 32];
+                    a.copy_from_slice(c);
+                    a
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -234,7 +286,7 @@ pub trait Backend: Send + Sync + 'static {
     fn history(&self, user: String, id: [u8; 16]) -> BoxFut<'_, Vec<HistoryEntry>>;
 
     /// Stores chunks durably (content-addressed; existing ones are kept).
-    fn put_chunks(&self, chunks: Vec<(ChunkId, Vec<u8>)>) -> BoxFut<'_, ()>;
+    fn put_chunks(&self, chunks: Vec<(ChunkId, bytes::Bytes)>) -> BoxFut<'_, ()>;
     /// One chunk's bytes; `NotFound` if absent.
     fn get_chunk(&self, id: ChunkId) -> BoxFut<'_, Vec<u8>>;
 
@@ -242,4 +294,55 @@ pub trait Backend: Send + Sync + 'static {
     /// one), for waking long polls. A receiver that lags gets `RecvError::Lagged` and must treat
     /// it as [`HeadEvent::Resync`].
     fn head_events(&self) -> tokio::sync::broadcast::Receiver<HeadEvent>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ObjectState;
+
+    #[test]
+    fn records_from_before_xattr_pairs_are_read() {
+        let old = r#"{"id":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"parent":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],
+            "name":[102],"kind":"Directory","version":1,"mode":493,"mtime_ns":0,"size":0,
+            "hash":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],
+            "chunks":[],"xattrs":{},"seq":1}"#;
+        let mut o: ObjectState = serde_json::from_str(old).expect("an old record, empty map");
+        assert!(o.xattrs.is_empty());
+        o.xattrs.insert(vec![0, 255], vec![1]);
+        let json = serde_json::to_string(&o).expect("encode");
+        assert!(json.contains(r#""xattrs":[[[0,255],[1]]]"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<ObjectState>(&json).expect("decode"),
+            o
+        );
+    }
+
+    #[test]
+    fn chunk_chaining_values_are_one_hex_string_and_optional() {
+        let mut o: ObjectState = serde_json::from_str(
+            r#"{"id":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"parent":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],
+                "name":[102],"kind":"File","version":2,"mode":420,"mtime_ns":0,"size":0,
+                "hash":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],
+                "chunks":[],"xattrs":{},"seq":3}"#,
+        )
+        .expect("a record from before chunk_cvs");
+        assert_eq!(o.chunk_cvs, None);
+        o.chunk_cvs = Some(vec![[0xab; 32], [0x01; 32]]);
+        let json = serde_json::to_string(&o).expect("encode");
+        assert!(
+            json.contains(&format!(
+                r#""chunk_cvs":"{}{}""#,
+                "ab".repeat(32),
+                "01".repeat(32)
+            )),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<ObjectState>(&json).expect("decode"),
+            o
+        );
+        let bad = json.replace(&"01".repeat(32), &"01".repeat(31));
+        let e = serde_json::from_str::<ObjectState>(&bad).expect_err("a cut value");
+        assert!(e.to_string().contains("32-byte"), "{e}");
+    }
 }

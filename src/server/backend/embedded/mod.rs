@@ -535,7 +535,7 @@ impl Backend for Embedded {
         })
     }
 
-    fn put_chunks(&self, chunks: Vec<(ChunkId, Vec<u8>)>) -> BoxFut<'_, ()> {
+    fn put_chunks(&self, chunks: Vec<(ChunkId, bytes::Bytes)>) -> BoxFut<'_, ()> {
         self.blocking(move |i| {
             for (id, bytes) in &chunks {
                 i.put_chunk(id, bytes)?;

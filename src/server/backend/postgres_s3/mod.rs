@@ -1105,7 +1105,7 @@ impl Backend for PostgresS3 {
         })
     }
 
-    fn put_chunks(&self, chunks: Vec<(ChunkId, Vec<u8>)>) -> BoxFut<'_, ()> {
+    fn put_chunks(&self, chunks: Vec<(ChunkId, bytes::Bytes)>) -> BoxFut<'_, ()> {
         self.run(move |i| async move {
             futures_util::stream::iter(chunks)
                 .map(|(id, bytes)| {
