@@ -12,6 +12,7 @@
 pub mod encoding;
 pub mod limits;
 pub mod model;
+pub mod payload;
 pub mod validate;
 
 #[cfg(test)]

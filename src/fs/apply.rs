@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use crate::changelog::payload::PayloadIndex;
 use crate::changelog::{ContentHash, ObjectId, ObjectKind, OpKind, Transaction, Version};
 use crate::delta::hash_tree::LeafHashes;
 use crate::delta::{self, BlockSignature};
@@ -599,8 +600,31 @@ impl FsCore {
                 b.remove_outbox(*s);
             }
             if let Some(rest) = &a.outbox {
+                // The engine's rebased outbox carries no delta bytes: take them from the
+                // entries it replaces (a rebase renumbers versions, never a write's hashes).
+                let wanted: HashSet<[u8; 16]> = rest.iter().map(|t| t.id).collect();
+                let mut full = Vec::new();
+                let mut bad = None;
+                store.for_each_outbox(|_, enc| {
+                    match crate::changelog::decode_transaction(enc) {
+                        Ok(t) if wanted.contains(&t.id) => full.push(t),
+                        Ok(_) => {}
+                        Err(e) => bad = Some(e.to_string()),
+                    }
+                    true
+                })?;
+                if let Some(e) = bad {
+                    return Err(StoreError::Corrupt(format!("outbox entry unreadable: {e}")).into());
+                }
+                let index = PayloadIndex::new(full);
                 for t in rest {
-                    b.push_outbox(t)?;
+                    let filled = index.fill(t).ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "the bytes of rebased transaction {} are not in the outbox",
+                            hex::encode(t.id)
+                        ))
+                    })?;
+                    b.push_outbox(&filled)?;
                 }
             }
         }

@@ -270,6 +270,29 @@ impl Store {
         Ok(out)
     }
 
+    /// Calls `f` with each outbox entry in order (sequence, encoded transaction) until it
+    /// returns `false`; entries are read one at a time.
+    ///
+    /// # Errors
+    /// The outbox cannot be read.
+    pub fn for_each_outbox(&self, mut f: impl FnMut(u64, &[u8]) -> bool) -> Result<()> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_OUTBOX), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("bad outbox key".into()))?,
+            );
+            if !f(seq, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The local sequences of the first `n` outbox entries, oldest first.
     ///
     /// # Errors

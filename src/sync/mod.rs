@@ -16,6 +16,7 @@
 //! - Kernel caches are invalidated after the lock is released (fuser's notifier must not
 //!   wait on a request that waits for the lock).
 
+mod notify;
 mod report;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use parking_lot::Mutex;
 
 pub use report::SyncReport;
 
+use crate::changelog::payload::strip;
 use crate::changelog::{decode_transaction, encode_changelog_checked, ChangeLog, Transaction};
 use crate::client::{Client, ClientError, DeviceConfig};
 use crate::engine::{Action, Engine, EngineConfig, PersistedState, RequestId};
@@ -54,9 +56,21 @@ fn now_ms() -> u64 {
 /// # Errors
 /// The store cannot be read or its outbox does not apply to its server tree.
 pub fn restore_engine(store: &Store, config: EngineConfig) -> anyhow::Result<Engine> {
+    // The engine holds transactions without their delta bytes (`changelog::payload`).
     let mut outbox = Vec::new();
-    for (_, enc) in store.outbox()? {
-        outbox.push(decode_transaction(&enc)?);
+    let mut bad = None;
+    store.for_each_outbox(|_, enc| match decode_transaction(enc) {
+        Ok(tx) => {
+            outbox.push(strip(&tx));
+            true
+        }
+        Err(e) => {
+            bad = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = bad {
+        return Err(e.into());
     }
     let state = PersistedState {
         cursor: store.sync_cursor()?,
@@ -97,7 +111,7 @@ impl CommitSink for Shared {
     fn local_commit(&self, txs: &[Transaction]) -> Result<(), String> {
         let mut e = self.engine.lock();
         for (n, tx) in txs.iter().enumerate() {
-            if let Err(err) = e.handle_local_commit(now_ms(), tx.clone()) {
+            if let Err(err) = e.handle_local_commit(now_ms(), strip(tx)) {
                 tracing::error!("a local change does not apply to the sync state: {err}");
                 if n > 0 {
                     self.recover(&mut e, "a local transaction was refused");
@@ -312,6 +326,13 @@ impl Driver {
                 idempotency_key,
                 transactions,
             } => {
+                let transactions = match self.with_payloads(&transactions) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let msg = format!("reading the outbox for an upload: {e:#}");
+                        return Some((request, tokio::spawn(async move { Outcome::Failed(msg) })));
+                    }
+                };
                 let n = transactions.len();
                 let h = tokio::spawn(async move {
                     let body = match encode_changelog_checked(&ChangeLog { transactions }) {
@@ -369,6 +390,54 @@ impl Driver {
             Action::CancelLongPoll { .. } | Action::Apply(_) => return None,
         };
         Some(r)
+    }
+}
+
+/// Most delta bytes sent in one append (at least one transaction goes).
+const MAX_UPLOAD_BYTES: u64 = 8 << 20;
+
+impl Driver {
+    /// The full transactions (with their delta bytes, from the store's outbox) of an upload
+    /// batch, which is a prefix of the outbox; cut to [`MAX_UPLOAD_BYTES`]. A shorter batch
+    /// is acknowledged for what it holds; the engine pulls and sees the rest still pending.
+    fn with_payloads(&self, light: &[Transaction]) -> anyhow::Result<Vec<Transaction>> {
+        let mut out = Vec::with_capacity(light.len());
+        let mut bytes = 0u64;
+        let mut err = None;
+        self.shared.store.for_each_outbox(|_, enc| {
+            let Some(want) = light.get(out.len()) else {
+                return false;
+            };
+            if !out.is_empty() && bytes + enc.len() as u64 > MAX_UPLOAD_BYTES {
+                return false;
+            }
+            match decode_transaction(enc) {
+                Ok(tx) if tx.id == want.id && strip(&tx) == *want => {
+                    bytes += enc.len() as u64;
+                    out.push(tx);
+                    true
+                }
+                Ok(tx) => {
+                    err = Some(anyhow::anyhow!(
+                        "outbox entry {} is not the engine's next transaction {}",
+                        hex::encode(tx.id),
+                        hex::encode(want.id)
+                    ));
+                    false
+                }
+                Err(e) => {
+                    err = Some(e.into());
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if out.is_empty() {
+            anyhow::bail!("the outbox is empty but the engine has transactions to send");
+        }
+        Ok(out)
     }
 }
 
@@ -454,14 +523,17 @@ impl Driver {
                 inval.extend(applied.invalidations);
                 if !applied.conflicted.is_empty() {
                     let mut r = self.shared.report.lock();
+                    let mut names = Vec::new();
                     for name in &applied.conflicted {
                         let name = String::from_utf8_lossy(name).into_owned();
                         tracing::warn!("conflicting edits: kept this device's version as {name:?}");
-                        r.add_conflict(name, now_ms() as i64);
+                        r.add_conflict(name.clone(), now_ms() as i64);
+                        names.push(name);
                     }
+                    notify::conflicts(&names);
                 }
                 for tx in applied.copies {
-                    if let Err(err) = e.handle_local_commit(now_ms(), tx) {
+                    if let Err(err) = e.handle_local_commit(now_ms(), strip(&tx)) {
                         self.shared
                             .recover(e, &format!("a conflicted copy was refused: {err}"));
                         return;
@@ -535,8 +607,24 @@ impl Driver {
                         last.0
                     );
                 }
-                self.step(seal, |e| e.handle_pulled(now_ms(), request, entries, head))
-                    .await
+                self.step(seal, |e| {
+                    // Our own transactions coming back: the engine compares them with its
+                    // outbox, which holds them without their bytes.
+                    let mine: std::collections::HashSet<[u8; 16]> =
+                        e.outbox().iter().map(|t| t.id).collect();
+                    let entries = entries
+                        .into_iter()
+                        .map(|(seq, tx)| {
+                            if mine.contains(&tx.id) {
+                                (seq, strip(&tx))
+                            } else {
+                                (seq, tx)
+                            }
+                        })
+                        .collect();
+                    e.handle_pulled(now_ms(), request, entries, head)
+                })
+                .await
             }
             Outcome::Head(head) => {
                 self.step(false, |e| e.handle_long_poll(now_ms(), request, head))
