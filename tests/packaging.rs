@@ -146,6 +146,9 @@ fn the_deb_holds_everything_and_its_units_verify_clean() {
         "./usr/share/doc/deltadrive/packaging.md",
         "./usr/share/doc/deltadrive/architecture.md",
         "./usr/share/doc/deltadrive/copyright",
+        "./usr/share/nautilus-python/extensions/deltadrive-emblems.py",
+        "./usr/share/nemo-python/extensions/deltadrive-emblems.py",
+        "./usr/share/caja-python/extensions/deltadrive-emblems.py",
     ];
     for f in expected {
         assert!(files.contains(&f), "{f} is not in the package:\n{list}");
@@ -776,4 +779,95 @@ fn shell_scripts_pass_shellcheck() {
         .args(["--severity=style"])
         .args(scripts));
     assert_ok("shellcheck", &o);
+}
+
+#[test]
+fn a_folder_mounted_through_the_helper_syncs_with_another_device() {
+    let _lock = helper_lock();
+    let srv = common::server::TestServer::start();
+    let m = HelperMount::new(None);
+    srv.login(&m.home, "fstab", "desk");
+    let mut other = common::Mounted::unmounted(&[]);
+    srv.login(&other.home, "fstab", "laptop");
+    other.mount();
+    m.mount(&format!("home={},_netdev,nofail", m.home.display()));
+    std::fs::write(m.mp.join("from-fstab.txt"), b"mounted by mount(8)\n").unwrap();
+    std::fs::write(other.path("from-laptop.txt"), b"the other way\n").unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let there = std::fs::read(other.path("from-fstab.txt")).ok();
+        let back = std::fs::read(m.mp.join("from-laptop.txt")).ok();
+        if there.as_deref() == Some(&b"mounted by mount(8)\n"[..])
+            && back.as_deref() == Some(&b"the other way\n"[..])
+        {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(45) {
+            srv.print_logs();
+            m.dump_log();
+            other.dump_logs();
+            panic!("the helper's mount and the other device did not sync within 45 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    m.umount();
+}
+
+/// The file-manager extension, loaded with a stand-in for the GObject introspection module
+/// (no desktop here), shows the emblem of each file's state on a real mount.
+#[test]
+fn the_file_manager_extension_shows_each_files_state() {
+    let m = common::Mounted::with_args(&["--quiet-ms", "60000"]);
+    std::fs::write(m.path("draft.txt"), b"not sealed yet").unwrap();
+    std::fs::write(m.path("notes.swp"), b"an editor's swap file").unwrap();
+    let stub = open_tempdir("deltadrive-gi");
+    let gi = stub.path().join("gi");
+    std::fs::create_dir_all(gi.join("repository")).unwrap();
+    std::fs::write(
+        gi.join("__init__.py"),
+        "def require_version(name, version):\n    if name != 'Nautilus' or version != '4.0':\n        raise ValueError(name)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        gi.join("repository").join("__init__.py"),
+        "class _GObject:\n    class GObject:\n        pass\nGObject = _GObject\nclass Nautilus:\n    class InfoProvider:\n        pass\n",
+    )
+    .unwrap();
+    let script = format!(
+        r#"
+import importlib.util, urllib.parse
+spec = importlib.util.spec_from_file_location("ext", "{ext}")
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+class File:
+    def __init__(self, path):
+        self.uri = "file://" + urllib.parse.quote(path)
+        self.emblems = []
+    def get_uri(self):
+        return self.uri
+    def add_emblem(self, e):
+        self.emblems.append(e)
+provider = ext.DeltadriveEmblems()
+for name in ("draft.txt", "notes.swp"):
+    f = File("{mp}/" + name)
+    provider.update_file_info(f)
+    print(name, ",".join(f.emblems) or "-")
+outside = File("/etc/hostname")
+provider.update_file_info(outside)
+print("outside", ",".join(outside.emblems) or "-")
+"#,
+        ext = Path::new(REPO)
+            .join("packaging/file-manager/deltadrive-emblems.py")
+            .display(),
+        mp = m.mp.display()
+    );
+    let o = run(Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .env("PYTHONPATH", stub.path()));
+    assert_ok("python3 (the extension)", &o);
+    let said = text(&o.stdout);
+    assert!(said.contains("draft.txt emblem-synchronizing"), "{said}");
+    assert!(said.contains("notes.swp -"), "{said}");
+    assert!(said.contains("outside -"), "{said}");
 }

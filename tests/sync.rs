@@ -176,6 +176,33 @@ impl Cluster {
     /// Logs a new device in and mounts it.
     fn add_device(&mut self, name: &str) -> usize {
         let mut m = Mounted::unmounted(&["--quiet-ms", "100"]);
+        // A stand-in for gdbus on a session bus: records the desktop notifications asked for.
+        let stub = self.pw.path().join("bin");
+        fs::create_dir_all(&stub).unwrap();
+        let gdbus = stub.join("gdbus");
+        fs::write(
+            &gdbus,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' \"$*\" >> {}\n",
+                self.pw.path().join("notifications").display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&gdbus, fs::Permissions::from_mode(0o755)).unwrap();
+        m.extra_env = vec![
+            (
+                "PATH".into(),
+                format!(
+                    "{}:{}",
+                    stub.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            ),
+            (
+                "DBUS_SESSION_BUS_ADDRESS".into(),
+                "unix:path=/nonexistent/bus".into(),
+            ),
+        ];
         let out = run(&[
             "login",
             "--server",
@@ -440,6 +467,12 @@ fn offline_edits_on_both_sides_converge_without_losing_a_version() {
         })
         .sum();
     assert_eq!(conflicts, 1);
+    // ...and the desktop was told (org.freedesktop.Notifications.Notify through gdbus).
+    let said = fs::read_to_string(c.pw.path().join("notifications")).unwrap_or_default();
+    assert!(
+        said.contains("org.freedesktop.Notifications.Notify") && said.contains("conflicted copy"),
+        "no desktop notification: {said:?}"
+    );
 }
 
 #[test]

@@ -30,6 +30,8 @@ pub struct Mounted {
     pub mp: PathBuf,
     /// Extra `deltadrive mount` arguments, used by every (re)mount.
     pub extra_args: Vec<String>,
+    /// Extra environment of the mount daemon.
+    pub extra_env: Vec<(String, String)>,
     mounted: bool,
 }
 
@@ -59,6 +61,7 @@ impl Mounted {
             home,
             mp,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            extra_env: Vec::new(),
             mounted: false,
         };
         m
@@ -73,8 +76,12 @@ impl Mounted {
             self.home.display().to_string(),
         ];
         args.extend(self.extra_args.iter().cloned());
-        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let out = run(&args);
+        let out = Command::new(bin())
+            .args(&args)
+            .env("DELTADRIVE_LOG", "debug,fuser=info")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run deltadrive mount");
         if !out.status.success() {
             self.dump_logs();
             panic!(
