@@ -744,3 +744,78 @@ fn a_remote_delete_never_takes_a_local_ignored_file() {
     assert_eq!(fs::read(c.p(0, "proj/build.log")).unwrap(), b"only on A");
     assert!(!c.p(1, "proj/build.log").exists());
 }
+
+fn gio(args: &[&str]) {
+    let out = std::process::Command::new("gio")
+        .args(args)
+        .output()
+        .expect("gio (package libglib2.0-bin)");
+    assert!(
+        out.status.success(),
+        "gio {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_file_managers_copy_move_and_trash_sync_to_another_device() {
+    let c = Cluster::new(2);
+    // gio copy of a tree, file by file as file managers do, into the mount.
+    let src = tempfile::tempdir().unwrap();
+    for d in ["photos", "photos/2026"] {
+        fs::create_dir_all(src.path().join(d)).unwrap();
+        gio(&["mkdir", "-p", c.p(0, d).to_str().unwrap()]);
+    }
+    for i in 0..40 {
+        let rel = if i % 2 == 0 {
+            format!("photos/p{i}.jpg")
+        } else {
+            format!("photos/2026/p{i}.jpg")
+        };
+        fs::write(src.path().join(&rel), vec![i as u8; 20_000 + i]).unwrap();
+        gio(&[
+            "copy",
+            "--preserve",
+            src.path().join(&rel).to_str().unwrap(),
+            c.p(0, &rel).to_str().unwrap(),
+        ]);
+    }
+    gio(&[
+        "move",
+        c.p(0, "photos/2026").to_str().unwrap(),
+        c.p(0, "album-2026").to_str().unwrap(),
+    ]);
+    let t = c.converge("gio copy and move");
+    assert_eq!(t.keys().filter(|k| k.ends_with(".jpg")).count(), 40);
+    assert_eq!(
+        fs::read(c.p(1, "album-2026/p1.jpg")).unwrap(),
+        vec![1u8; 20_001]
+    );
+    // gio info works on a synced file and shows the sync state attribute.
+    let out = std::process::Command::new("gio")
+        .args([
+            "info",
+            "-a",
+            "xattr::*,standard::size",
+            c.p(1, "photos/p0.jpg").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(info.contains("standard::size: 20000"), "{info}");
+    // gio trash: the file goes to a local .Trash-0 that never syncs; the deletion does.
+    gio(&["trash", c.p(1, "photos/p0.jpg").to_str().unwrap()]);
+    c.wait("the trashed file is gone on A", || {
+        !c.p(0, "photos/p0.jpg").exists()
+    });
+    assert!(c.p(1, ".Trash-0/files/p0.jpg").exists());
+    assert!(!c.p(0, ".Trash-0").exists(), "the trash folder travelled");
+    // Restoring it (moving it back) syncs it back.
+    fs::rename(c.p(1, ".Trash-0/files/p0.jpg"), c.p(1, "photos/p0.jpg")).unwrap();
+    c.wait("the restored file is back on A", || {
+        fs::read(c.p(0, "photos/p0.jpg"))
+            .map(|b| b.len())
+            .unwrap_or(0)
+            == 20_000
+    });
+}

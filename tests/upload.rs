@@ -38,49 +38,6 @@ fn wait_until(m: &Mounted, srv: &TestServer, ok: impl Fn(&[(String, u64, String)
     }
 }
 
-/// Creates a user and logs `home` in as a device of it.
-fn login(srv: &TestServer, home: &Path, device: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let (tok, pw) = (dir.path().join("admin.token"), dir.path().join("pw"));
-    fs::write(&tok, &srv.admin_token).unwrap();
-    fs::write(&pw, "correct horse battery staple").unwrap();
-    let out = run(&[
-        "admin",
-        "--server",
-        &srv.url,
-        "--admin-token-file",
-        tok.to_str().unwrap(),
-        "user",
-        "add",
-        "ann",
-        "--password-file",
-        pw.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(&[
-        "login",
-        "--server",
-        &srv.url,
-        "--user",
-        "ann",
-        "--password-file",
-        pw.to_str().unwrap(),
-        "--device",
-        device,
-        "--home",
-        home.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The server's current tree: name → (size, content hash hex).
 fn server_files(home: &Path) -> Vec<(String, u64, String)> {
     let cfg = DeviceConfig::load(&Home::resolve(Some(home)).unwrap()).unwrap();
@@ -116,7 +73,7 @@ fn changes_reach_the_server_and_offline_changes_go_out_later_exactly_once() {
     let mut srv = TestServer::start();
     let mut m = Mounted::new();
     m.unmount();
-    login(&srv, &m.home, "laptop");
+    srv.login(&m.home, "ann", "laptop");
     m.mount();
 
     fs::create_dir(m.path("docs")).unwrap();

@@ -368,26 +368,7 @@ impl FsCore {
                 )
             };
             let mut i = inodes.remove(&ino).unwrap_or_else(|| {
-                let root = store.get_inode(ROOT_INO).ok().flatten();
-                Inode {
-                    ino,
-                    object: state.id,
-                    kind: file_kind(&state.kind),
-                    perm: 0,
-                    uid: root.as_ref().map(|r| r.uid).unwrap_or(0),
-                    gid: root.as_ref().map(|r| r.gid).unwrap_or(0),
-                    nlink: if state.is_dir() { 2 } else { 1 },
-                    size: 0,
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
-                    crtime: now,
-                    rdev: 0,
-                    parent: parent_ino,
-                    flags: 0,
-                    symlink: Vec::new(),
-                    name: Vec::new(),
-                }
+                self.fresh_inode(ino, state.id, file_kind(&state.kind), parent_ino, now)
             });
             if i.kind != file_kind(&state.kind) {
                 return Err(ApplyError::Content {
@@ -450,26 +431,7 @@ impl FsCore {
                 }
                 None => {
                     let ino = store.allocate_ino(&mut b);
-                    let root = store.get_inode(ROOT_INO)?;
-                    Inode {
-                        ino,
-                        object: c.target.id,
-                        kind: FileKind::File,
-                        perm: 0,
-                        uid: root.as_ref().map(|r| r.uid).unwrap_or(0),
-                        gid: root.as_ref().map(|r| r.gid).unwrap_or(0),
-                        nlink: 1,
-                        size: 0,
-                        atime: now,
-                        mtime: now,
-                        ctime: now,
-                        crtime: now,
-                        rdev: 0,
-                        parent: parent_ino,
-                        flags: 0,
-                        symlink: Vec::new(),
-                        name: Vec::new(),
-                    }
+                    self.fresh_inode(ino, c.target.id, FileKind::File, parent_ino, now)
                 }
             };
             i.perm = (c.target.mode & 0o7777) as u16;
@@ -671,6 +633,37 @@ impl FsCore {
         }
         out.copies = copy_txs;
         Ok(out)
+    }
+
+    /// A new inode for an object arriving from another device, owned like the root folder.
+    fn fresh_inode(
+        &self,
+        ino: u64,
+        object: ObjectId,
+        kind: FileKind,
+        parent: u64,
+        now: Timespec,
+    ) -> Inode {
+        let root = self.store.get_inode(ROOT_INO).ok().flatten();
+        Inode {
+            ino,
+            object,
+            kind,
+            perm: 0,
+            uid: root.as_ref().map(|r| r.uid).unwrap_or(0),
+            gid: root.as_ref().map(|r| r.gid).unwrap_or(0),
+            nlink: if kind == FileKind::Directory { 2 } else { 1 },
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            parent,
+            flags: 0,
+            symlink: Vec::new(),
+            name: Vec::new(),
+        }
     }
 
     /// Folders the apply removes that still hold an entry the apply neither removes nor

@@ -593,30 +593,35 @@ impl Sealer<'_> {
         b: &mut Batch<'_>,
         retired: &mut Vec<ObjectId>,
     ) -> Result<(), StoreError> {
-        // By object, not by index: taking over a deleted file removes its item.
-        let new_files: Vec<ObjectId> = items
-            .iter()
-            .filter(|it| {
-                it.state.is_none() && it.inode.as_ref().is_some_and(|i| i.kind == FileKind::File)
-            })
-            .map(|it| it.object)
-            .collect();
-        for obj in new_files {
-            let Some(n) = items.iter().position(|it| it.object == obj) else {
-                continue;
-            };
+        // Indexed by the place each announced file was at, so a seal of many new files stays
+        // linear. Items taken over are marked and dropped at the end (indexes stay valid).
+        type Place = (ObjectId, Vec<u8>);
+        let mut donors: HashMap<Place, usize> = HashMap::new();
+        let mut moved_away: HashMap<Place, usize> = HashMap::new();
+        let mut new_files = Vec::new();
+        for (idx, it) in items.iter().enumerate() {
+            match (&it.inode, &it.state) {
+                (None, Some(st)) if st.kind == SyncKind::File => {
+                    donors.entry((st.parent, st.name.clone())).or_insert(idx);
+                }
+                (Some(i), Some(st)) if st.kind == SyncKind::File && i.kind == FileKind::File => {
+                    moved_away
+                        .entry((st.parent, st.name.clone()))
+                        .or_insert(idx);
+                }
+                (Some(i), None) if i.kind == FileKind::File => new_files.push(idx),
+                _ => {}
+            }
+        }
+        let mut removed = vec![false; items.len()];
+        for n in new_files {
             let Some(inode) = items[n].inode.clone() else {
                 continue;
             };
             let parent = self.object_of(inode.parent)?;
-            let here = |st: &ObjectState| {
-                st.kind == SyncKind::File && st.parent == parent && st.name == inode.name
-            };
+            let place = (parent, inode.name.clone());
             // A deleted announced file that lived here.
-            let donor = items
-                .iter()
-                .position(|it| it.inode.is_none() && it.state.as_ref().is_some_and(here));
-            if let Some(d) = donor {
+            if let Some(d) = donors.remove(&place).filter(|d| !removed[*d]) {
                 let donor_obj = items[d].object;
                 let state = items[d].state.take();
                 let mut moved = inode.clone();
@@ -629,18 +634,20 @@ impl Sealer<'_> {
                 items[n].state = state;
                 items[n].inode = Some(moved);
                 items[n].flags.rewritten = true;
-                items.remove(d);
+                removed[d] = true;
                 continue;
             }
             // An announced file that was moved away from here and still lives elsewhere.
-            let moved_away = items.iter().position(|it| {
-                it.state.as_ref().is_some_and(here)
-                    && it.inode.as_ref().is_some_and(|i| {
-                        i.kind == FileKind::File
-                            && (i.parent != inode.parent || i.name != inode.name)
-                    })
+            let candidate = moved_away.get(&place).copied().filter(|m| {
+                !removed[*m]
+                    && items[*m].state.is_some()
+                    && items[*m]
+                        .inode
+                        .as_ref()
+                        .is_some_and(|i| i.parent != inode.parent || i.name != inode.name)
             });
-            if let Some(m) = moved_away {
+            if let Some(m) = candidate {
+                moved_away.remove(&place);
                 let old_obj = items[m].object;
                 let fresh = ObjectId::random();
                 let Some(mut old_inode) = items[m].inode.clone() else {
@@ -665,6 +672,12 @@ impl Sealer<'_> {
                 items[n].flags.rewritten = true;
             }
         }
+        let mut idx = 0;
+        items.retain(|_| {
+            let keep = !removed[idx];
+            idx += 1;
+            keep
+        });
         Ok(())
     }
 

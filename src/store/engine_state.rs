@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use crate::changelog::{Name, ObjectId, ObjectKind};
 use crate::engine::ObjectState;
 
+use super::sync_state::R;
 use super::{Batch, Result, Store, StoreError};
 
 pub(super) const CF_SERVER: &str = "server";
@@ -26,41 +27,6 @@ const META_JOURNAL: &[u8] = b"apply_journal";
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.0.len() < n {
-            return Err(StoreError::Corrupt("server tree record too short".into()));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn bytes(&mut self) -> Result<Vec<u8>> {
-        let n = self.u32()? as usize;
-        Ok(self.take(n)?.to_vec())
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
 }
 
 /// Encodes one server-tree object (layout 1).
@@ -97,7 +63,7 @@ pub fn encode_server_object(s: &ObjectState) -> Vec<u8> {
 /// # Errors
 /// The record is truncated or of an unknown layout.
 pub fn decode_server_object(b: &[u8]) -> Result<ObjectState> {
-    let mut r = Reader(b);
+    let mut r = R(b);
     if r.u8()? != 1 {
         return Err(StoreError::Corrupt("unknown server tree layout".into()));
     }
@@ -163,7 +129,7 @@ fn encode_journal(entries: &[JournalEntry]) -> Vec<u8> {
 
 fn decode_journal(b: &[u8]) -> Result<Vec<JournalEntry>> {
     use std::os::unix::ffi::OsStringExt;
-    let mut r = Reader(b);
+    let mut r = R(b);
     let n = r.u32()? as usize;
     let mut out = Vec::with_capacity(n.min(4096));
     for _ in 0..n {

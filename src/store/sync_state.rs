@@ -108,9 +108,9 @@ impl W {
     }
 }
 
-struct R<'a>(&'a [u8]);
+pub(super) struct R<'a>(pub(super) &'a [u8]);
 impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.0.len() < n {
             return Err(StoreError::Corrupt("sync record too short".into()));
         }
@@ -118,24 +118,24 @@ impl<'a> R<'a> {
         self.0 = b;
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8> {
+    pub(super) fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
-    fn u32(&mut self) -> Result<u32> {
+    pub(super) fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().unwrap_or_default(),
         ))
     }
-    fn u64(&mut self) -> Result<u64> {
+    pub(super) fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().unwrap_or_default(),
         ))
     }
-    fn bytes(&mut self) -> Result<Vec<u8>> {
+    pub(super) fn bytes(&mut self) -> Result<Vec<u8>> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
     }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
+    pub(super) fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
@@ -255,18 +255,10 @@ impl Store {
     /// The outbox in order: (local sequence, encoded transaction).
     pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_OUTBOX), rocksdb::IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let seq = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("bad outbox key".into()))?,
-            );
+        self.for_each_outbox(|seq, v| {
             out.push((seq, v.to_vec()));
-        }
+            true
+        })?;
         Ok(out)
     }
 
