@@ -222,6 +222,8 @@ struct StatusReport {
     server: Option<String>,
     online: Option<bool>,
     pending_uploads: Pending,
+    /// Objects changed since their last seal (not in the outbox yet).
+    unsealed_changes: u64,
     last_sync: Option<String>,
     /// Conflicted copies made since the user last looked (`status` without `--json`).
     conflicts: Vec<Conflict>,
@@ -254,14 +256,14 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             .map(str::to_string)
     });
     let online = server.as_deref().map(server_reachable);
-    let pending = if home.db_dir().exists() {
+    let (pending, unsealed) = if home.db_dir().exists() {
         crate::store::Store::open_read_only(&home.db_dir(), &home.content_dir())
-            .and_then(|s| s.outbox_size())
+            .and_then(|s| Ok((s.outbox_size()?, s.pending()?.len() as u64)))
             .map_err(|e| {
                 anyhow::anyhow!("reading the local store in {}: {e}", home.root().display())
             })?
     } else {
-        (0, 0)
+        ((0, 0), 0)
     };
     let sync_report = crate::sync::SyncReport::load(&home);
     let seen_file = home.root().join("conflicts-seen");
@@ -281,6 +283,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             count: pending.0,
             bytes: pending.1,
         },
+        unsealed_changes: unsealed,
         last_sync: sync_report
             .last_sync_ms
             .or(sync_report.last_upload_ms)
@@ -312,8 +315,17 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         (None, _) => println!("server:          not logged in (deltadrive login)"),
     }
     println!(
-        "pending uploads: {} ({} bytes)",
-        report.pending_uploads.count, report.pending_uploads.bytes
+        "pending uploads: {} ({} bytes){}",
+        report.pending_uploads.count,
+        report.pending_uploads.bytes,
+        if report.unsealed_changes > 0 {
+            format!(
+                ", {} change(s) still being written",
+                report.unsealed_changes
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "last sync:       {}",
