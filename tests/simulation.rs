@@ -1803,3 +1803,63 @@ fn restart_mid_sync_resumes_from_the_persisted_state() {
         ])
     );
 }
+
+/// The I/O side may send only a prefix of an upload batch (it cuts batches by bytes): the
+/// acknowledged prefix is applied at once and the rest goes in the next upload.
+#[test]
+fn an_upload_acknowledged_for_a_prefix_keeps_the_rest_pending() {
+    let mut e = Engine::new(EngineConfig::new("dev", 7));
+    e.handle_connectivity(0, true);
+    let Some(Action::Pull { request, .. }) = e.poll_action() else {
+        panic!("a new engine pulls first")
+    };
+    e.handle_pulled(1, request, Vec::new(), 0);
+    while e.poll_action().is_some() {}
+    let mut ids = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let tx = Transaction {
+            id: [i as u8 + 1; 16],
+            device: "dev".into(),
+            time_ms: 0,
+            ops: vec![Op {
+                object: ObjectId([i as u8 + 10; 16]),
+                base_version: 0,
+                new_version: 1,
+                kind: OpKind::Create {
+                    parent: ObjectId::ROOT,
+                    name: Name::new(name.as_bytes().to_vec()).unwrap(),
+                    kind: ObjectKind::File,
+                    mode: 0o644,
+                    mtime_ns: 0,
+                },
+            }],
+        };
+        ids.push(tx.id);
+        e.handle_local_commit(2, tx).unwrap();
+    }
+    let next_upload = |e: &mut Engine| loop {
+        match e.poll_action() {
+            Some(Action::Upload {
+                request,
+                transactions,
+                ..
+            }) => break (request, transactions),
+            Some(_) => continue,
+            None => panic!("no upload"),
+        }
+    };
+    // The first commit went out alone; acknowledge it whole.
+    let (request, sent) = next_upload(&mut e);
+    assert_eq!(sent.len(), 1);
+    e.handle_upload_acked(3, request, 1, 1);
+    // The other two go together; the server stores only the first of them.
+    let (request, sent) = next_upload(&mut e);
+    assert_eq!(sent.len(), 2);
+    e.handle_upload_acked(4, request, 2, 2);
+    assert_eq!(e.cursor(), 2, "the stored prefix is applied at once");
+    assert_eq!(e.outbox().len(), 1);
+    assert_eq!(e.outbox()[0].id, ids[2]);
+    let (_, sent) = next_upload(&mut e);
+    assert_eq!(sent.len(), 1, "the rest goes out next");
+    assert_eq!(sent[0].id, ids[2]);
+}

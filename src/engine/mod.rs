@@ -476,9 +476,11 @@ impl Engine {
         let batch = self.unconfirmed.take().map(|(_, b)| b).unwrap_or_default();
         self.known_head = self.known_head.max(last_seq);
         let count = last_seq.saturating_sub(first_seq) + 1;
-        if first_seq == self.cursor + 1 && count == batch.len() as u64 {
-            // Nobody appended in between: the batch is the log right after the cursor.
-            for (i, tx) in batch.into_iter().enumerate() {
+        if first_seq == self.cursor + 1 && count <= batch.len() as u64 {
+            // Nobody appended in between: what the server stored is the log right after the
+            // cursor. The I/O side may send a prefix of the batch (it cuts large batches by
+            // bytes); the rest stays in the outbox and goes in the next upload.
+            for (i, tx) in batch.into_iter().take(count as usize).enumerate() {
                 self.process_remote(first_seq + i as u64, tx);
             }
         } else {

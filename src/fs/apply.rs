@@ -552,7 +552,12 @@ impl FsCore {
 
         // 4. The engine's state.
         if !a.acknowledged.is_empty() || a.outbox.is_some() {
-            let seqs = store.outbox_seqs(usize::MAX)?;
+            // Only the acknowledged front is read unless the whole outbox is replaced.
+            let seqs = store.outbox_seqs(if a.outbox.is_some() {
+                usize::MAX
+            } else {
+                a.acknowledged.len()
+            })?;
             let drop_n = if a.outbox.is_some() {
                 seqs.len()
             } else {
