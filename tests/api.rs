@@ -1010,6 +1010,31 @@ async fn several_chunked_writes_in_one_append_and_range_reads() {
     );
     let e = append(&c, vec![tx(vec![bad])]).await.unwrap_err();
     assert_eq!(status(&e), StatusCode::UNPROCESSABLE_ENTITY);
+    // Followed by an op on the same object in the same transaction, the refusal is still the
+    // write's (422), not a stale base for the op after it (409 made clients rebase forever).
+    let bad = op(
+        f,
+        v,
+        OpKind::Write {
+            base_hash: *blake3::hash(&grown).as_bytes(),
+            new_hash: *blake3::hash(b"something else").as_bytes(),
+            new_size: grown.len() as u64,
+            delta: Delta::Ranges {
+                new_size: grown.len() as u64,
+                ranges: vec![(2 * MIB as u64, b"x".to_vec())],
+            },
+        },
+    );
+    let then = op(
+        f,
+        v + 1,
+        OpKind::SetAttr {
+            mode: Some(0o600),
+            mtime_ns: None,
+        },
+    );
+    let e = append(&c, vec![tx(vec![bad, then])]).await.unwrap_err();
+    assert_eq!(status(&e), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

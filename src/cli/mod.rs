@@ -110,8 +110,8 @@ pub struct ServerArgs {
     /// Largest request body accepted, in bytes (413 beyond)
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub max_request_bytes: usize,
-    /// Largest file content the server keeps, in bytes
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    /// Largest file content the server keeps, in bytes (writes apply chunk by chunk)
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 30)]
     pub max_object_bytes: u64,
     /// How many versions of each file's content the server keeps
     #[arg(long, value_name = "N", default_value_t = 20)]

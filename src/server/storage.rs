@@ -310,6 +310,11 @@ impl Storage {
         for (i, tx) in log.transactions.iter().enumerate() {
             let seq = head + 1 + i as u64;
             for op in &tx.ops {
+                // After an op failed, the versions of the next ones cannot be judged: the
+                // failure is the answer, not a stale base.
+                if first_error.is_some() {
+                    break;
+                }
                 let current = ov.get(op.object.0).await?.map(|s| s.version).unwrap_or(0);
                 if current != op.base_version {
                     stale.push(StaleOp {
