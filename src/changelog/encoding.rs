@@ -199,6 +199,13 @@ pub fn decode_transaction(input: &[u8]) -> Result<Transaction, DecodeError> {
     Ok(transaction)
 }
 
+/// The body size an encoded log or transaction declares (before compression): what it
+/// weighs against [`MAX_BODY_LEN`] when sent. `None` if `encoded` is too short to say.
+pub fn declared_body_len(encoded: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = encoded.get(8..16)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
 fn check_encoded_size(encoded: &[u8]) -> Result<(), EncodeError> {
     let mut declared = [0u8; 8];
     declared.copy_from_slice(&encoded[8..16]);

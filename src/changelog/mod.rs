@@ -19,8 +19,9 @@ pub mod validate;
 pub(crate) mod arbitrary;
 
 pub use encoding::{
-    decode_changelog, decode_transaction, encode_changelog, encode_changelog_checked,
-    encode_transaction, encode_transaction_checked, DecodeError, EncodeError,
+    declared_body_len, decode_changelog, decode_transaction, encode_changelog,
+    encode_changelog_checked, encode_transaction, encode_transaction_checked, DecodeError,
+    EncodeError,
 };
 pub use model::*;
 pub use validate::{validate, validate_transaction, ValidationError, Violation};

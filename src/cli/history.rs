@@ -184,14 +184,16 @@ pub fn wait(args: WaitArgs) -> anyhow::Result<()> {
             bail!("the folder of {} is not mounted", home.root().display());
         }
         let r = crate::sync::SyncReport::load(&home);
-        let (outbox, _) = Store::open_read_only(&home.db_dir(), &home.content_dir())
-            .and_then(|s| s.outbox_size())
-            .unwrap_or((u64::MAX, 0));
+        // Changes written but not sealed yet count as unsent too: a file written just
+        // before `wait` must not be reported in sync.
+        let outbox = Store::open_read_only(&home.db_dir(), &home.content_dir())
+            .and_then(|s| Ok(s.outbox_size()?.0 + s.pending()?.len() as u64))
+            .unwrap_or(u64::MAX);
         let head = r.head.max(r.cursor);
         bar.set_length(head);
         bar.set_position(r.cursor);
         bar.set_message(if outbox > 0 {
-            format!("sending {outbox} transaction(s);")
+            format!("sending {outbox} change(s);")
         } else if r.online == Some(false) {
             "server unreachable;".to_string()
         } else {

@@ -12,6 +12,7 @@ pub mod docs;
 pub mod history;
 pub mod login;
 pub mod mount;
+pub mod pin;
 pub mod server;
 
 /// A synced folder for Linux: FUSE-mounted, byte-precise deltas, writable offline.
@@ -52,6 +53,10 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Wait until this device has sent and received every change (a progress bar on a terminal)
     Wait(WaitArgs),
+    /// Keep a file or folder's content on this device (files on demand) and fetch it now
+    Pin(pin::PinArgs),
+    /// Let a pinned file or folder's content be evicted when the cache needs room
+    Unpin(pin::UnpinArgs),
     /// Write the man pages (deltadrive.1 and one per subcommand) into a folder
     #[command(hide = true)]
     Man(docs::ManArgs),
@@ -257,9 +262,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History(a) => history::history(a),
         Command::Restore(a) => history::restore(a),
         Command::Wait(a) => history::wait(a),
+        Command::Pin(a) => pin::pin(a),
+        Command::Unpin(a) => pin::unpin(a),
     }
 }
 
 fn not_yet(what: &str, issue: u32) -> anyhow::Result<()> {
     anyhow::bail!("`deltadrive {what}` is not available in this build yet (issue #{issue})")
+}
+
+/// `1234567` as `1.2 MiB`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

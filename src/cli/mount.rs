@@ -40,6 +40,49 @@ pub struct MountArgs {
     /// committed as a change (lets editors' save patterns become edits)
     #[arg(long, default_value_t = 300, value_name = "MS")]
     pub quiet_ms: u64,
+    /// Files on demand: the whole tree syncs, but the content of other devices' new and
+    /// changed files stays on the server until it is read (or the file is pinned with
+    /// `deltadrive pin`)
+    #[arg(long)]
+    pub on_demand: bool,
+    /// With --on-demand: local content of unpinned files is kept under this size, least
+    /// recently used evicted first (bytes, or with a K/M/G/T suffix)
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+}
+
+/// Parses `123`, `100M`, `10G`, `1.5T` (powers of 1024; a trailing `B`/`iB` is accepted).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                        "unknown size unit {c:?} in {s:?} (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..t.len() - 1], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (like 500M or 10G)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} is not a size (like 500M or 10G)"));
+    }
+    Ok((v * mult as f64) as u64)
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +99,9 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
     let options = FsOptions {
         writeback_cache: args.writeback_cache,
         quiet_period: std::time::Duration::from_millis(args.quiet_ms),
+        on_demand: args.on_demand.then_some(crate::fs::ondemand::OnDemand {
+            cache_bytes: args.cache_size,
+        }),
     };
     if args.foreground {
         let ready_fd = std::env::var(READY_FD_ENV)
@@ -109,6 +155,11 @@ fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
         cmd.arg("--writeback-cache");
     }
     cmd.arg("--quiet-ms").arg(args.quiet_ms.to_string());
+    if args.on_demand {
+        cmd.arg("--on-demand")
+            .arg("--cache-size")
+            .arg(args.cache_size.to_string());
+    }
     cmd.env(READY_FD_ENV, child_fd.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -230,6 +281,10 @@ struct StatusReport {
     /// The last server sequence applied on this device.
     cursor: u64,
     last_error: Option<String>,
+    /// Local and online-only files (files on demand).
+    content: crate::fs::ondemand::ContentCounts,
+    /// Bytes of online-only content fetched since the mount started.
+    fetched_bytes: u64,
 }
 
 #[derive(serde::Serialize)]
@@ -256,14 +311,20 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             .map(str::to_string)
     });
     let online = server.as_deref().map(server_reachable);
-    let (pending, unsealed) = if home.db_dir().exists() {
+    let (pending, unsealed, content) = if home.db_dir().exists() {
         crate::store::Store::open_read_only(&home.db_dir(), &home.content_dir())
-            .and_then(|s| Ok((s.outbox_size()?, s.pending()?.len() as u64)))
+            .and_then(|s| {
+                Ok((
+                    s.outbox_size()?,
+                    s.pending()?.len() as u64,
+                    crate::fs::ondemand::content_counts(&s)?,
+                ))
+            })
             .map_err(|e| {
                 anyhow::anyhow!("reading the local store in {}: {e}", home.root().display())
             })?
     } else {
-        ((0, 0), 0)
+        ((0, 0), 0, Default::default())
     };
     let sync_report = crate::sync::SyncReport::load(&home);
     let seen_file = home.root().join("conflicts-seen");
@@ -299,6 +360,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             .collect(),
         cursor: sync_report.cursor,
         last_error: sync_report.last_error.clone(),
+        content,
+        fetched_bytes: sync_report.fetched_bytes,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -331,6 +394,19 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         "last sync:       {}",
         report.last_sync.as_deref().unwrap_or("never")
     );
+    let c = &report.content;
+    println!(
+        "local files:     {} ({})",
+        c.local_files,
+        crate::cli::human_bytes(c.local_bytes)
+    );
+    if c.online_only_files > 0 {
+        println!(
+            "online-only:     {} ({} not on this device)",
+            c.online_only_files,
+            crate::cli::human_bytes(c.online_only_bytes)
+        );
+    }
     println!("conflicts:       {}", report.conflicts.len());
     for c in &report.conflicts {
         println!("  {} (made {})", c.name, c.time);

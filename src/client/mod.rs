@@ -273,10 +273,24 @@ impl Client {
 
     /// The log entries after `after` (one page of at most `limit`).
     pub async fn read_log(&self, after: u64, limit: usize) -> Result<LogPage, ClientError> {
+        self.read_log_as(after, limit, false).await
+    }
+
+    /// [`Client::read_log`]; with `light`, writes come without their delta bytes.
+    pub async fn read_log_as(
+        &self,
+        after: u64,
+        limit: usize,
+        light: bool,
+    ) -> Result<LogPage, ClientError> {
+        let light = u8::from(light);
         let resp = Self::check(
-            self.req(Method::GET, &format!("/v1/log?after={after}&limit={limit}"))
-                .send()
-                .await?,
+            self.req(
+                Method::GET,
+                &format!("/v1/log?after={after}&limit={limit}&light={light}"),
+            )
+            .send()
+            .await?,
         )
         .await?;
         let head = resp

@@ -24,6 +24,7 @@ use crate::changelog::{ContentHash, ObjectId, ObjectKind, OpKind, Transaction, V
 use crate::delta::hash_tree::LeafHashes;
 use crate::delta::{self, BlockSignature};
 use crate::engine::{self, ContentSource, LocalApply, LocalChange, ServerChange};
+use crate::store::absent::{AbsentContent, INODE_ABSENT};
 use crate::store::engine_state::JournalEntry;
 use crate::store::{
     FileKind, Inode, ObjectState as PrevState, Store, StoreError, SyncKind, Timespec, ROOT_INO,
@@ -191,7 +192,16 @@ impl FsCore {
         let mut copy_content = Vec::with_capacity(a.copies.len());
         for c in &a.copies {
             let content = match store.ino_of_object(&c.source)? {
-                Some(ino) => read_content(store, ino, c.source_size)?,
+                Some(ino) => {
+                    if store.absent(ino)?.is_some() {
+                        // A copy keeps local changes, and changed files are always local.
+                        return Err(ApplyError::Content {
+                            object: c.source,
+                            reason: "the source of a copy is online-only".into(),
+                        });
+                    }
+                    read_content(store, ino, c.source_size)?
+                }
                 None => Vec::new(),
             };
             copy_content.push(content);
@@ -205,6 +215,8 @@ impl FsCore {
         let mut orphaned: Vec<Inode> = Vec::new();
         let mut b = store.batch();
         let mut staged: Vec<Staged> = Vec::new();
+        // Files on demand: files whose new content stays on the server, with their records.
+        let mut online_only: HashMap<u64, AbsentContent> = HashMap::new();
         for ch in &a.local_changes {
             let LocalChange::Put { state, content } = ch else {
                 continue;
@@ -243,6 +255,26 @@ impl FsCore {
             if !state.is_file() {
                 continue;
             }
+            if *content != ContentSource::Unchanged && self.keeps_online_only(a, state)? {
+                online_only.insert(
+                    ino,
+                    AbsentContent::new(state.id, state.content_version, state.hash, state.size),
+                );
+                continue;
+            }
+            // A delta needs the previous content: fetch whole if it is not here.
+            let base_absent = match base {
+                Some((base_ino, _)) => store.absent(base_ino)?.is_some(),
+                None => false,
+            };
+            let fetch_whole = ContentSource::Fetch {
+                version: state.content_version,
+                hash: state.hash,
+            };
+            let content = match content {
+                ContentSource::Ops(_) if base_absent => &fetch_whole,
+                other => other,
+            };
             let bytes = match content {
                 ContentSource::Unchanged => continue,
                 ContentSource::Ops(ops) => {
@@ -391,6 +423,17 @@ impl FsCore {
             }
             i.parent = parent_ino;
             i.name = name;
+            if let Some(rec) = online_only.get(&ino) {
+                i.flags |= INODE_ABSENT;
+                b.put_absent(ino, rec);
+                // The previous state of content that is not here is built when it arrives.
+                b.delete_leaves(&state.id);
+                b.delete_signature(&state.id);
+                self.capture.forget(ino);
+            } else if staged.iter().any(|s| s.ino == ino) && i.flags & INODE_ABSENT != 0 {
+                i.flags &= !INODE_ABSENT;
+                b.delete_absent(ino);
+            }
             // Xattrs: exactly the engine's set.
             let current: HashSet<Vec<u8>> = store.list_xattrs(ino)?.into_iter().collect();
             for n in &current {
@@ -625,8 +668,16 @@ impl FsCore {
         for ino in delete_content {
             let _ = store.remove_content(ino);
         }
+        for ino in online_only.keys() {
+            // Whatever an earlier version left in the content file is not served any more
+            // (no piece is marked present): free its space.
+            if let Ok(f) = store.open_content(*ino, false) {
+                let _ = f.set_len(0);
+            }
+        }
         {
             let mut replaced = self.replaced.lock();
+            replaced.extend(online_only.keys().copied());
             let mut gens = self.content_gen.lock();
             for s in &staged {
                 replaced.insert(s.ino);
@@ -638,6 +689,56 @@ impl FsCore {
         }
         out.copies = copy_txs;
         Ok(out)
+    }
+
+    /// Files on demand: whether new content for the file `state` stays on the server until
+    /// it is read (an on-demand mount, and neither the file nor a folder above it pinned).
+    pub(crate) fn keeps_online_only(
+        &self,
+        a: &LocalApply,
+        state: &engine::ObjectState,
+    ) -> Result<bool, ApplyError> {
+        if self.options.on_demand.is_none() {
+            return Ok(false);
+        }
+        let mut id = state.id;
+        for _ in 0..4096 {
+            if let Some(ino) = self.store.ino_of_object(&id)? {
+                if let Some(i) = self.store.get_inode(ino)?.filter(|i| i.object == id) {
+                    return Ok(!self.is_pinned(&i).map_err(|_| ApplyError::Content {
+                        object: id,
+                        reason: "a folder above it is missing".into(),
+                    })?);
+                }
+            }
+            // New here: its folder may be new too, in this very change.
+            let parent = a.local_changes.iter().find_map(|c| match c {
+                LocalChange::Put { state: s, .. } if s.id == id => Some(s.parent),
+                _ => None,
+            });
+            match parent {
+                Some(p) if p != id => id = p,
+                _ => return Ok(true),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether applying `a` needs the delta bytes of its writes (some file it changes is
+    /// kept local here).
+    pub(crate) fn needs_delta_bytes(&self, a: &LocalApply) -> Result<bool, ApplyError> {
+        for ch in &a.local_changes {
+            if let LocalChange::Put {
+                state,
+                content: ContentSource::Ops(_),
+            } = ch
+            {
+                if !self.keeps_online_only(a, state)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// A new inode for an object arriving from another device, owned like the root folder.

@@ -18,6 +18,7 @@ mod attr;
 pub mod capture;
 mod errors;
 pub mod mount;
+pub mod ondemand;
 pub mod status;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct FsOptions {
     pub writeback_cache: bool,
     /// How long the tree must be quiet before new files, deletes and renames are sealed.
     pub quiet_period: Duration,
+    /// Files on demand: content of new and changed remote files arrives when it is read.
+    pub on_demand: Option<ondemand::OnDemand>,
 }
 
 impl Default for FsOptions {
@@ -67,6 +70,7 @@ impl Default for FsOptions {
         FsOptions {
             writeback_cache: false,
             quiet_period: Duration::from_millis(300),
+            on_demand: None,
         }
     }
 }
@@ -78,6 +82,8 @@ struct FileHandleState {
     /// Written after a remote change replaced the content under it: kept as a conflicted
     /// copy at close.
     stale_written: bool,
+    /// The content was online-only at open: reads make their range local first.
+    absent: bool,
 }
 
 /// The mounted file system: a thin handle the FUSE session owns, over state that the
@@ -108,6 +114,7 @@ pub struct FsCore {
     replaced: Mutex<std::collections::HashSet<u64>>,
     /// Per inode, how many times a remote change replaced its content file during this run.
     content_gen: Mutex<HashMap<u64, u64>>,
+    ondemand: ondemand::OnDemandState,
 }
 
 #[derive(Clone)]
@@ -160,6 +167,7 @@ impl FsCore {
             next_fh: AtomicU64::new(1),
             replaced: Mutex::new(std::collections::HashSet::new()),
             content_gen: Mutex::new(HashMap::new()),
+            ondemand: ondemand::OnDemandState::default(),
         }
     }
 
@@ -182,16 +190,22 @@ impl FsCore {
     fn attr(&self, inode: &Inode) -> fuser::FileAttr {
         let blocks = if inode.kind == FileKind::File {
             use std::os::unix::fs::MetadataExt;
+            // Online-only content uses only what was fetched of it.
+            let missing = if inode.flags & crate::store::absent::INODE_ABSENT != 0 {
+                0
+            } else {
+                inode.size.div_ceil(512)
+            };
             std::fs::metadata(self.store.content_path(inode.ino))
                 .map(|m| m.blocks())
-                .unwrap_or(inode.size.div_ceil(512))
+                .unwrap_or(missing)
         } else {
             inode.size.div_ceil(512)
         };
         attr::file_attr(inode, blocks)
     }
 
-    fn open_handle(&self, ino: u64, file: File) -> u64 {
+    fn open_handle(&self, ino: u64, file: File, absent: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let gen = self.content_gen.lock().get(&ino).copied().unwrap_or(0);
         self.files.lock().insert(
@@ -200,6 +214,7 @@ impl FsCore {
                 file: Arc::new(file),
                 gen,
                 stale_written: false,
+                absent,
             },
         );
         *self.open_count.lock().entry(ino).or_insert(0) += 1;
@@ -211,6 +226,14 @@ impl FsCore {
             .lock()
             .get(&fh)
             .map(|h| h.file.clone())
+            .ok_or(Errno::EBADF)
+    }
+
+    fn handle_file_absent(&self, fh: u64) -> FsResult<(Arc<File>, bool)> {
+        self.files
+            .lock()
+            .get(&fh)
+            .map(|h| (h.file.clone(), h.absent))
             .ok_or(Errno::EBADF)
     }
 
@@ -478,10 +501,19 @@ impl FsCore {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> FsResult<Inode> {
+        if let Some(sz) = size.filter(|s| *s > 0) {
+            // Changing the size of online-only content needs all of it here first.
+            let i = self.inode(ino)?;
+            if i.flags & crate::store::absent::INODE_ABSENT != 0 {
+                self.open_absent(&i, true)?;
+                tracing::debug!("made inode {ino} local to resize it to {sz}");
+            }
+        }
         let _g = self.lock();
         let mut i = self.inode(ino)?;
         let now = Timespec::now();
         let mut changed = false;
+        let mut was_absent = false;
         if let Some(m) = mode {
             let mut perm = (m & 0o7777) as u16;
             // A non-owner group member may not keep setgid on a file it cannot use as group.
@@ -524,6 +556,11 @@ impl FsCore {
                 Some(f) => f.set_len(sz)?,
                 None => self.store.open_content(i.ino, true)?.set_len(sz)?,
             }
+            if sz == 0 && i.flags & crate::store::absent::INODE_ABSENT != 0 {
+                // Emptied: nothing of the online-only content is needed any more.
+                i.flags &= !crate::store::absent::INODE_ABSENT;
+                was_absent = true;
+            }
             i.size = sz;
             i.mtime = now;
             self.capture.resized(ino, sz);
@@ -541,25 +578,37 @@ impl FsCore {
             i.ctime = now;
             let mut b = self.store.batch();
             b.put_inode(&i);
+            if was_absent {
+                b.delete_absent(ino);
+            }
             self.capture.touch(&mut b, &i, false);
             self.store.commit(b, false)?;
         }
         Ok(i)
     }
 
-    fn do_open(&self, ino: u64, _flags: OpenFlags) -> FsResult<u64> {
-        let i = self.inode(ino)?;
+    fn do_open(&self, ino: u64, flags: OpenFlags) -> FsResult<u64> {
+        let mut i = self.inode(ino)?;
         match i.kind {
             FileKind::Directory => return Err(Errno::EISDIR),
             FileKind::File => {}
             _ => return Err(Errno::EINVAL),
         }
+        self.touch_content(ino);
+        if i.flags & crate::store::absent::INODE_ABSENT != 0 {
+            let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+            self.open_absent(&i, write)?;
+            if write {
+                i = self.inode(ino)?;
+            }
+        }
+        let absent = i.flags & crate::store::absent::INODE_ABSENT != 0;
         let file = self.store.open_content(i.ino, true)?;
         // A crash can leave content past the committed size: never let it show.
         if file.metadata()?.len() > i.size {
             file.set_len(i.size)?;
         }
-        Ok(self.open_handle(ino, file))
+        Ok(self.open_handle(ino, file, absent))
     }
 
     fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -667,6 +716,9 @@ impl FsCore {
         if name == status::STATUS_XATTR {
             return Err(status::STATUS_WRITE_ERRNO);
         }
+        if name == ondemand::PIN_XATTR {
+            return self.set_pinned(ino, value);
+        }
         if value.len() > XATTR_SIZE_MAX {
             return Err(Errno::E2BIG);
         }
@@ -693,6 +745,9 @@ impl FsCore {
         check_xattr_name(name)?;
         if name == status::STATUS_XATTR {
             return Err(status::STATUS_WRITE_ERRNO);
+        }
+        if name == ondemand::PIN_XATTR {
+            return self.set_pinned(ino, b"0");
         }
         let _g = self.lock();
         let mut i = self.inode(ino)?;
@@ -873,6 +928,11 @@ impl FsCore {
         &self.capture
     }
 
+    /// Whether this mount keeps new remote content online-only until it is read.
+    pub fn options_on_demand(&self) -> bool {
+        self.options.on_demand.is_some()
+    }
+
     /// Seals every pending change when the tree has been quiet long enough; returns how
     /// many transactions went to the outbox.
     pub fn seal_if_due(&self, force: bool) -> usize {
@@ -920,6 +980,15 @@ impl SyncGuard<'_> {
         fetch: &mut apply::Fetcher<'_>,
     ) -> Result<apply::Applied, apply::ApplyError> {
         self.core.apply_remote(a, device, now_ms, fetch)
+    }
+
+    /// Whether applying `a` needs the delta bytes its light form lacks (files on demand).
+    pub fn needs_delta_bytes(&self, a: &crate::engine::LocalApply) -> bool {
+        self.core.needs_delta_bytes(a).unwrap_or(true)
+    }
+
+    pub fn on_demand(&self) -> bool {
+        self.core.options.on_demand.is_some()
     }
 }
 
@@ -1185,7 +1254,10 @@ impl Filesystem for DeltaFs {
         reply: ReplyData,
     ) {
         let r = (|| {
-            let file = self.handle_file(fh.0)?;
+            let (file, absent) = self.handle_file_absent(fh.0)?;
+            if absent {
+                self.make_local(_ino.0, offset, offset + u64::from(size), &file, false)?;
+            }
             let mut buf = vec![0u8; size as usize];
             let mut done = 0;
             while done < buf.len() {
@@ -1399,6 +1471,11 @@ impl Filesystem for DeltaFs {
             check_xattr_name(name)?;
             if name == status::STATUS_XATTR {
                 return Ok(self.sync_status(ino.0)?.as_str().as_bytes().to_vec());
+            }
+            if name == ondemand::PIN_XATTR {
+                let i = self.inode(ino.0)?;
+                let pinned = i.flags & crate::store::absent::INODE_PINNED != 0;
+                return Ok(if pinned { b"1".to_vec() } else { b"0".to_vec() });
             }
             self.inode(ino.0)?;
             self.store.get_xattr(ino.0, name)?.ok_or(Errno::NO_XATTR)

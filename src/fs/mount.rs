@@ -23,6 +23,8 @@ use crate::store::Store;
 const SESSION_THREADS: usize = 4;
 /// How often the sealer looks for quiet pending changes.
 const SEAL_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often an on-demand mount checks its local content against the cache size.
+const EVICT_TICK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// This device's name in change logs: from its login, else the host name.
 pub fn device_name(home: &Home) -> String {
@@ -197,9 +199,17 @@ pub fn run(
         std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
+                let mut last_evict = std::time::Instant::now();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(SEAL_TICK);
                     core.seal_if_due(false);
+                    // Files on demand: keep local content under the cache size.
+                    if core.options_on_demand() && last_evict.elapsed() >= EVICT_TICK {
+                        if let Err(e) = core.evict() {
+                            tracing::warn!("evicting content failed: {e}");
+                        }
+                        last_evict = std::time::Instant::now();
+                    }
                 }
             })?
     };

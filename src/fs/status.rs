@@ -11,7 +11,8 @@
 //!
 //! The values: `ignored` (the path stays on this device), `pending` (unsealed changes, an
 //! outbox entry the server has not acknowledged, or not announced yet), `conflict` (a
-//! conflicted copy, by its name), `synced` otherwise. The root folder speaks for the whole
+//! conflicted copy, by its name), `online-only` (synced, content not on this device: files on
+//! demand), `synced` otherwise. The root folder speaks for the whole
 //! device: `pending` while anything at all waits, else `synced`.
 
 use fuser::Errno;
@@ -32,6 +33,8 @@ pub enum SyncStatus {
     Pending,
     Ignored,
     Conflict,
+    /// Synced, and its content is not (entirely) on this device (files on demand).
+    OnlineOnly,
 }
 
 impl SyncStatus {
@@ -41,6 +44,7 @@ impl SyncStatus {
             SyncStatus::Pending => "pending",
             SyncStatus::Ignored => "ignored",
             SyncStatus::Conflict => "conflict",
+            SyncStatus::OnlineOnly => "online-only",
         }
     }
 }
@@ -79,6 +83,9 @@ impl FsCore {
             .any(|w| w == CONFLICT_MARK)
         {
             return Ok(SyncStatus::Conflict);
+        }
+        if i.flags & crate::store::absent::INODE_ABSENT != 0 {
+            return Ok(SyncStatus::OnlineOnly);
         }
         Ok(SyncStatus::Synced)
     }

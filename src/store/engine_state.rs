@@ -160,6 +160,17 @@ impl Store {
         Ok(out)
     }
 
+    /// One object of the server-known tree.
+    ///
+    /// # Errors
+    /// The record cannot be read.
+    pub fn server_object(&self, id: &crate::changelog::ObjectId) -> Result<Option<ObjectState>> {
+        match self.db.get_pinned_cf(self.cf(CF_SERVER), id.0)? {
+            Some(v) => Ok(Some(decode_server_object(&v)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The last server sequence applied (0: none).
     ///
     /// # Errors

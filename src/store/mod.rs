@@ -15,6 +15,7 @@
 //! - An inode with `nlink == 0` is an orphan (unlinked while open) and is listed under
 //!   `orphan/`; [`Store::open`] removes orphans left by a crash.
 
+pub mod absent;
 mod codec;
 pub mod engine_state;
 pub mod sync_state;
@@ -40,7 +41,7 @@ const CF_DIRENTS: &str = "dirents";
 const CF_XATTRS: &str = "xattrs";
 const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 12] = [
+const ALL_CFS: [&str; 13] = [
     CF_INODES,
     CF_DIRENTS,
     CF_XATTRS,
@@ -53,6 +54,7 @@ const ALL_CFS: [&str; 12] = [
     sync_state::CF_LEAVES,
     engine_state::CF_SERVER,
     sync_state::CF_OUTBOX_OBJECTS,
+    absent::CF_ABSENT,
 ];
 
 const META_NEXT_INO: &[u8] = b"next_ino";
@@ -498,6 +500,7 @@ impl Batch<'_> {
         self.wb
             .delete_cf(self.store.cf(CF_INODES), inode.ino.to_be_bytes());
         self.wb.delete_cf(self.store.cf(CF_OBJECTS), inode.object.0);
+        self.delete_absent(inode.ino);
         for name in self.store.list_xattrs(inode.ino)? {
             self.wb
                 .delete_cf(self.store.cf(CF_XATTRS), xattr_key(inode.ino, &name));

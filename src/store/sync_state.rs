@@ -390,6 +390,10 @@ impl Batch<'_> {
         self.wb.put_cf(self.store.cf(CF_LEAVES), object.0, leaves);
     }
 
+    pub fn delete_leaves(&mut self, object: &ObjectId) {
+        self.wb.delete_cf(self.store.cf(CF_LEAVES), object.0);
+    }
+
     /// Appends a transaction to the outbox; returns its local sequence.
     ///
     /// # Errors

@@ -196,6 +196,11 @@ impl Syncer {
                             return;
                         }
                     };
+                    core.set_remote(Arc::new(ServerContent {
+                        client: client.clone(),
+                        handle: rt.handle().clone(),
+                        shared: Arc::clone(&shared),
+                    }));
                     let driver = Driver {
                         shared,
                         core,
@@ -225,6 +230,52 @@ impl Drop for Syncer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.wake.notify_one();
+    }
+}
+
+/// Online-only content, fetched by range for reads on the mount (files on demand).
+struct ServerContent {
+    client: Client,
+    handle: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+}
+
+/// How long one range fetch for a read may take.
+const RANGE_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl crate::fs::ondemand::RemoteContent for ServerContent {
+    fn online(&self) -> bool {
+        self.shared.online.load(Ordering::Relaxed)
+    }
+
+    fn fetch(
+        &self,
+        object: crate::changelog::ObjectId,
+        version: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, String> {
+        if !self.online() {
+            return Err("the server cannot be reached".into());
+        }
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        let hex = hex::encode(object.0);
+        let req = self
+            .client
+            .content(&hex, Some(version), Some((start, end - 1)));
+        match self
+            .handle
+            .block_on(async { tokio::time::timeout(RANGE_FETCH_TIMEOUT, req).await })
+        {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(describe(&e)),
+            Err(_) => Err(format!(
+                "no answer within {} s",
+                RANGE_FETCH_TIMEOUT.as_secs()
+            )),
+        }
     }
 }
 
@@ -354,8 +405,11 @@ impl Driver {
                 (request, h)
             }
             Action::Pull { request, after } => {
+                // Files on demand: content arrives by range when read, so pulls leave out
+                // the delta bytes (single entries are read whole for files kept local).
+                let light = self.core.options_on_demand();
                 let h = tokio::spawn(async move {
-                    match client.read_log(after, PULL_PAGE).await {
+                    match client.read_log_as(after, PULL_PAGE, light).await {
                         Ok(page) => {
                             let mut entries = Vec::with_capacity(page.entries.len());
                             for (seq, bytes) in page.entries {
@@ -408,12 +462,17 @@ impl Driver {
             let Some(want) = light.get(out.len()) else {
                 return false;
             };
-            if !out.is_empty() && bytes + enc.len() as u64 > MAX_UPLOAD_BYTES {
-                return false;
-            }
             match decode_transaction(enc) {
                 Ok(tx) if tx.id == want.id && strip(&tx) == *want => {
-                    bytes += enc.len() as u64;
+                    // What it weighs in the upload's body before compression (a
+                    // compressible 32 MiB write is a few KiB compressed).
+                    let len = crate::changelog::declared_body_len(enc)
+                        .unwrap_or(enc.len() as u64)
+                        .max(enc.len() as u64);
+                    if !out.is_empty() && bytes + len > MAX_UPLOAD_BYTES {
+                        return false;
+                    }
+                    bytes += len;
                     out.push(tx);
                     true
                 }
@@ -436,6 +495,57 @@ impl Driver {
         }
         if out.is_empty() {
             anyhow::bail!("the outbox is empty but the engine has transactions to send");
+        }
+        Ok(out)
+    }
+}
+
+impl Driver {
+    /// `a` with the delta bytes its light pull left out, read from the log entry itself.
+    async fn with_delta_bytes(
+        &self,
+        a: &crate::engine::LocalApply,
+    ) -> anyhow::Result<crate::engine::LocalApply> {
+        use crate::changelog::OpKind;
+        use crate::engine::{ContentSource, LocalChange};
+        let page = self.client.read_log_as(a.cursor - 1, 1, false).await?;
+        let Some((seq, bytes)) = page.entries.into_iter().next() else {
+            anyhow::bail!("the server has no entry {}", a.cursor);
+        };
+        anyhow::ensure!(
+            seq == a.cursor,
+            "the server sent entry {seq}, not {}",
+            a.cursor
+        );
+        let tx = decode_transaction(&bytes)?;
+        anyhow::ensure!(
+            tx.id == a.transaction.id,
+            "entry {seq} is another transaction"
+        );
+        let tx_id = tx.id;
+        let index = crate::changelog::payload::PayloadIndex::new([tx]);
+        let mut out = a.clone();
+        for ch in &mut out.local_changes {
+            let LocalChange::Put {
+                state,
+                content: ContentSource::Ops(ops),
+            } = ch
+            else {
+                continue;
+            };
+            for op in ops {
+                if let OpKind::Write {
+                    base_hash,
+                    new_hash,
+                    delta,
+                    ..
+                } = op
+                {
+                    if let Some(d) = index.delta(tx_id, state.id, *base_hash, *new_hash) {
+                        *delta = d.clone();
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -465,7 +575,11 @@ impl Driver {
                     other => net.push(other),
                 }
             }
-            self.shared.report.lock().observe(&e);
+            {
+                let mut r = self.shared.report.lock();
+                r.observe(&e);
+                r.fetched_bytes = self.core.fetched_bytes();
+            }
             (net, inval)
         });
         if !invalidations.is_empty() {
@@ -510,6 +624,22 @@ impl Driver {
             }
         };
         let started = std::time::Instant::now();
+        let full;
+        let a = if guard.on_demand() && guard.needs_delta_bytes(a) {
+            match handle.block_on(self.with_delta_bytes(a)) {
+                Ok(f) => {
+                    full = f;
+                    &full
+                }
+                Err(err) => {
+                    // The apply heals by fetching whole content instead.
+                    tracing::warn!("reading change {} in full: {err}", a.cursor);
+                    a
+                }
+            }
+        } else {
+            a
+        };
         match guard.apply(a, &device, now_ms() as i64, &mut fetch) {
             Ok(applied) => {
                 tracing::debug!(

@@ -42,6 +42,9 @@ pub struct SyncReport {
     /// Conflicted copies made on this device, oldest first.
     #[serde(default)]
     pub conflicts: Vec<ConflictNote>,
+    /// Files on demand: bytes of online-only content fetched since the mount started.
+    #[serde(default)]
+    pub fetched_bytes: u64,
 }
 
 impl SyncReport {

@@ -31,6 +31,8 @@ pub const HEAD_HEADER: &str = "deltadrive-head";
 pub const MAX_LIMIT: usize = 10_000;
 /// Most payload bytes one `GET /v1/log` returns (beyond its first entry).
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
+/// Stored bytes read for one light page (what is sent is much smaller).
+pub const MAX_LIGHT_PAGE_BYTES: usize = 64 << 20;
 
 pub async fn append(
     auth: DeviceAuth,
@@ -73,6 +75,10 @@ pub struct LogQuery {
     #[serde(default)]
     pub after: u64,
     pub limit: Option<usize>,
+    /// `light=1`: every write without its delta bytes (hashes and sizes kept), for devices
+    /// that fetch content by range when it is read (files on demand).
+    #[serde(default)]
+    pub light: u8,
 }
 
 fn head_header(head: u64) -> (header::HeaderName, HeaderValue) {
@@ -90,10 +96,24 @@ pub async fn read_log(
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT);
     let head = state.backend.head(auth.user.clone()).await?;
-    let entries = state
+    let light = q.light != 0;
+    let page_bytes = if light {
+        MAX_LIGHT_PAGE_BYTES
+    } else {
+        MAX_PAGE_BYTES
+    };
+    let mut entries = state
         .backend
-        .read_log(auth.user, q.after, limit, MAX_PAGE_BYTES)
+        .read_log(auth.user, q.after, limit, page_bytes)
         .await?;
+    if light {
+        for (seq, bytes) in &mut entries {
+            let tx = crate::changelog::decode_transaction(bytes).map_err(|e| {
+                ApiError::Internal(format!("log entry {seq} cannot be decoded: {e}"))
+            })?;
+            *bytes = crate::changelog::encode_transaction(&crate::changelog::payload::light(&tx));
+        }
+    }
     let mut out = Vec::with_capacity(entries.iter().map(|(_, b)| b.len() + 12).sum());
     for (seq, bytes) in entries {
         out.extend_from_slice(&seq.to_be_bytes());
