@@ -143,6 +143,7 @@ fn the_deb_holds_everything_and_its_units_verify_clean() {
         "./usr/share/bash-completion/completions/deltadrive",
         "./usr/share/doc/deltadrive/README.md",
         "./usr/share/doc/deltadrive/install.md",
+        "./usr/share/doc/deltadrive/img/file-manager.png",
         "./usr/share/doc/deltadrive/packaging.md",
         "./usr/share/doc/deltadrive/architecture.md",
         "./usr/share/doc/deltadrive/copyright",
