@@ -136,10 +136,12 @@ pub fn probe(dir: &Path) -> Caps {
         restricted: fat || forbidden_fails,
         fold_case: fat || folds,
     };
+    // A file system that refuses FAT's forbidden characters is FAT-like (vfat through
+    // FUSE, for one): it holds no modes either.
     Caps {
         names,
-        modes: !fat,
-        symlinks: symlinks && !fat,
+        modes: !names.restricted,
+        symlinks: symlinks && !names.restricted,
     }
 }
 
@@ -173,7 +175,10 @@ pub fn run(
     let mut watcher = {
         let tx = tx.clone();
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Reads (ours included: a pass reads the folder) change nothing.
             let ours = res.as_ref().is_ok_and(|ev| {
+                matches!(ev.kind, notify::EventKind::Access(_)) && !ev.need_rescan()
+            }) || res.as_ref().is_ok_and(|ev| {
                 !ev.need_rescan()
                     && !ev.paths.is_empty()
                     && ev.paths.iter().all(|p| {
