@@ -95,9 +95,7 @@ pub fn watch(args: crate::cli::WatchArgs) -> anyhow::Result<()> {
         quiet_period: std::time::Duration::from_millis(args.quiet_ms),
     };
     if args.foreground {
-        return run_reporting_ready(|ready| {
-            crate::watch::run(&home, &args.dir, options, ready)
-        });
+        return run_reporting_ready(|ready| crate::watch::run(&home, &args.dir, options, ready));
     }
     // Checked here too, so a bad folder is refused before anything starts.
     let dir = crate::watch::check_paths(&home, &args.dir)?;
@@ -307,7 +305,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let home = Home::resolve(args.home.home.as_deref())?;
     let rec = PidRecord::read(&home)
         .filter(|r| r.alive() && (r.watch || is_deltadrive_mount(&r.mountpoint)));
-    let watching = rec.as_ref().filter(|r| r.watch).map(|r| r.mountpoint.clone());
+    let watching = rec
+        .as_ref()
+        .filter(|r| r.watch)
+        .map(|r| r.mountpoint.clone());
     let rec = rec.filter(|r| !r.watch);
     let device: Option<serde_json::Value> = std::fs::read(home.device_file())
         .ok()
@@ -338,10 +339,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         mounted: rec.is_some(),
         mountpoint: rec.as_ref().map(|r| r.mountpoint.clone()),
         watching: watching.clone(),
-        pid: rec
-            .as_ref()
-            .map(|r| r.pid)
-            .or_else(|| watching.as_ref().and_then(|_| PidRecord::read(&home).map(|r| r.pid))),
+        pid: rec.as_ref().map(|r| r.pid).or_else(|| {
+            watching
+                .as_ref()
+                .and_then(|_| PidRecord::read(&home).map(|r| r.pid))
+        }),
         logged_in: device.is_some(),
         server,
         online,

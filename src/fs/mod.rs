@@ -1026,7 +1026,17 @@ impl Filesystem for DeltaFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(&Caller::of(req), ino.0, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(
+            &Caller::of(req),
+            ino.0,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        ) {
             Ok(i) => reply.attr(&TTL, &self.attr(&i)),
             Err(e) => reply.error(e),
         }
@@ -1058,7 +1068,16 @@ impl Filesystem for DeltaFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        match self.make_node(&Caller::of(req), parent.0, name, kind, mode, umask, rdev, &[]) {
+        match self.make_node(
+            &Caller::of(req),
+            parent.0,
+            name,
+            kind,
+            mode,
+            umask,
+            rdev,
+            &[],
+        ) {
             Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -1472,7 +1491,16 @@ impl Filesystem for DeltaFs {
             if kind != FileKind::File {
                 return Err(Errno::EINVAL);
             }
-            let i = self.make_node(&Caller::of(req), parent.0, name, FileKind::File, mode, umask, 0, &[])?;
+            let i = self.make_node(
+                &Caller::of(req),
+                parent.0,
+                name,
+                FileKind::File,
+                mode,
+                umask,
+                0,
+                &[],
+            )?;
             let fh = self.do_open(i.ino, OpenFlags(flags))?;
             Ok((i, fh))
         })();

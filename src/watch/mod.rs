@@ -132,6 +132,25 @@ pub fn probe(dir: &Path) -> Caps {
         let _ = std::fs::remove_file(&p);
         r
     };
+    let inos = {
+        let (a, b) = (
+            dir.join(format!("{tag}-ino1")),
+            dir.join(format!("{tag}-ino2")),
+        );
+        let r = match (std::fs::File::create(&a), std::fs::File::create(&b)) {
+            (Ok(_), Ok(_)) => {
+                use std::os::unix::fs::MetadataExt;
+                match (std::fs::metadata(&a), std::fs::metadata(&b)) {
+                    (Ok(x), Ok(y)) => x.ino() != y.ino(),
+                    _ => true,
+                }
+            }
+            _ => true,
+        };
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        r
+    };
     let names = NameRules {
         restricted: fat || forbidden_fails,
         fold_case: fat || folds,
@@ -142,6 +161,7 @@ pub fn probe(dir: &Path) -> Caps {
         names,
         modes: !names.restricted,
         symlinks: symlinks && !names.restricted,
+        inos,
     }
 }
 
@@ -182,8 +202,9 @@ pub fn run(
                 !ev.need_rescan()
                     && !ev.paths.is_empty()
                     && ev.paths.iter().all(|p| {
-                        p.file_name()
-                            .is_some_and(|n| n.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes()))
+                        p.file_name().is_some_and(|n| {
+                            n.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes())
+                        })
                     })
             });
             if let Err(e) = &res {
@@ -260,7 +281,11 @@ pub fn run(
 
     let mut stop = None;
     while stop.is_none() {
-        let timeout = if rec.take_retry() { RETRY } else { Duration::from_secs(3600) };
+        let timeout = if rec.take_retry() {
+            RETRY
+        } else {
+            Duration::from_secs(3600)
+        };
         let first = match rx.recv_timeout(timeout) {
             Ok(m) => m,
             Err(mpsc::RecvTimeoutError::Timeout) => Msg::Local,

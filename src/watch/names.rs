@@ -26,7 +26,9 @@ const MAX_UTF16: usize = 255;
 const MAX_BYTES: usize = 255;
 
 fn forbidden(c: char) -> bool {
-    matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|' | '\\' | '/') || (c as u32) < 0x20 || c == '\u{7f}'
+    matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|' | '\\' | '/')
+        || (c as u32) < 0x20
+        || c == '\u{7f}'
 }
 
 /// Whether `name` can be held as it is under `rules`.
@@ -62,7 +64,9 @@ pub fn fold(name: &[u8], rules: NameRules) -> Vec<u8> {
 fn sanitize(name: &[u8], rules: NameRules) -> String {
     let s = String::from_utf8_lossy(name);
     let mut out: String = if rules.restricted {
-        s.chars().map(|c| if forbidden(c) { '_' } else { c }).collect()
+        s.chars()
+            .map(|c| if forbidden(c) { '_' } else { c })
+            .collect()
     } else {
         s.replace('/', "_")
     };
@@ -100,9 +104,7 @@ fn fit(stem: &str, suffix: &str, rules: NameRules) -> String {
 /// A very long "extension" is not one: it is cut like the rest of the name.
 fn split_ext(name: &str) -> (&str, &str) {
     match name.rfind('.') {
-        Some(i) if i > 0 && i + 1 < name.len() && name.len() - i <= 16 => {
-            (&name[..i], &name[i..])
-        }
+        Some(i) if i > 0 && i + 1 < name.len() && name.len() - i <= 16 => (&name[..i], &name[i..]),
         _ => (name, ""),
     }
 }
@@ -205,9 +207,7 @@ mod tests {
                 .collect()),
             "[ñé中😀]{1,200}".prop_map(|s| s.into_bytes()),
         ]
-        .prop_filter("a log name", |n| {
-            n.len() <= 255 && n != b"." && n != b".."
-        })
+        .prop_filter("a log name", |n| n.len() <= 255 && n != b"." && n != b"..")
     }
 
     proptest! {

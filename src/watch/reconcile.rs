@@ -52,6 +52,10 @@ pub struct Caps {
     /// chmod sticks (not on vfat).
     pub modes: bool,
     pub symlinks: bool,
+    /// Distinct files have distinct inode numbers (not on fusefat, which shows one number
+    /// for all): otherwise an entry's identity is its path, and a rename is seen as a
+    /// delete and a create.
+    pub inos: bool,
 }
 
 /// The store's side of a record: enough to tell that the store changed the object.
@@ -131,8 +135,14 @@ struct Local {
     target: Vec<u8>,
 }
 
-fn local_of(path: &Path) -> std::io::Result<Local> {
+fn local_of(path: &Path, inos: bool) -> std::io::Result<Local> {
     let md = std::fs::symlink_metadata(path)?;
+    let ino = if inos {
+        md.ino()
+    } else {
+        let h = blake3::hash(path.as_os_str().as_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+    };
     let ft = md.file_type();
     let kind = if ft.is_dir() {
         FileKind::Directory
@@ -150,7 +160,7 @@ fn local_of(path: &Path) -> std::io::Result<Local> {
         Vec::new()
     };
     Ok(Local {
-        ino: md.ino(),
+        ino,
         kind,
         size: if kind == FileKind::File { md.len() } else { 0 },
         mtime: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
@@ -197,7 +207,7 @@ struct Scan {
     by_ino: HashMap<u64, PathBuf>,
 }
 
-fn scan(root: &Path) -> Scan {
+fn scan(root: &Path, inos: bool) -> Scan {
     let mut s = Scan {
         by_path: HashMap::new(),
         by_ino: HashMap::new(),
@@ -213,7 +223,7 @@ fn scan(root: &Path) -> Scan {
                 continue;
             }
             let r = rel.join(&name);
-            let Ok(l) = local_of(&root.join(&r)) else {
+            let Ok(l) = local_of(&root.join(&r), inos) else {
                 continue;
             };
             if l.kind == FileKind::Directory {
@@ -395,9 +405,8 @@ impl Reconciler {
     // ----- folder → store -----
 
     fn import(&self, st: &mut State) -> anyhow::Result<()> {
-        let scan = scan(&self.root);
-        let mut by_lino: HashMap<u64, u64> =
-            st.recs.iter().map(|(s, r)| (r.l_ino, *s)).collect();
+        let scan = scan(&self.root, self.caps.inos);
+        let mut by_lino: HashMap<u64, u64> = st.recs.iter().map(|(s, r)| (r.l_ino, *s)).collect();
 
         // 1. New local folders, parents first.
         let mut new: Vec<&PathBuf> = scan
@@ -407,7 +416,10 @@ impl Reconciler {
             .map(|(p, _)| p)
             .collect();
         new.sort_by_key(|p| (depth(p), (*p).clone()));
-        for rel in new.iter().filter(|p| scan.by_path[**p].kind == FileKind::Directory) {
+        for rel in new
+            .iter()
+            .filter(|p| scan.by_path[**p].kind == FileKind::Directory)
+        {
             let l = &scan.by_path[*rel];
             if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l)? {
                 by_lino.insert(l.ino, s);
@@ -493,12 +505,12 @@ impl Reconciler {
                     Ok(())
                 } else {
                     self.core.do_rename(
-                    inode.parent,
-                    OsStr::from_bytes(&inode.name),
-                    new_parent,
-                    OsStr::from_bytes(&store_name),
-                    RenameFlags::RENAME_NOREPLACE,
-                )
+                        inode.parent,
+                        OsStr::from_bytes(&inode.name),
+                        new_parent,
+                        OsStr::from_bytes(&store_name),
+                        RenameFlags::RENAME_NOREPLACE,
+                    )
                 } {
                     Ok(()) => {}
                     Err(e) => {
@@ -510,7 +522,9 @@ impl Reconciler {
                         continue;
                     }
                 }
-                inode = self.live_inode(s)?.ok_or_else(|| anyhow!("renamed inode vanished"))?;
+                inode = self
+                    .live_inode(s)?
+                    .ok_or_else(|| anyhow!("renamed inode vanished"))?;
                 rec.parent = new_parent;
                 rec.name = store_name;
                 rec.local = local_name;
@@ -537,7 +551,9 @@ impl Reconciler {
                 }
                 FileKind::File => {
                     if self.import_content(s, &abs, &l)? {
-                        let i = self.live_inode(s)?.ok_or_else(|| anyhow!("inode vanished"))?;
+                        let i = self
+                            .live_inode(s)?
+                            .ok_or_else(|| anyhow!("inode vanished"))?;
                         rec.set_local(&l);
                         rec.stamp = stamp(&i);
                         st.put(s, rec);
@@ -559,7 +575,9 @@ impl Reconciler {
                             )
                             .map_err(|e| errno("chmod", e))?;
                     }
-                    let i = self.live_inode(s)?.ok_or_else(|| anyhow!("inode vanished"))?;
+                    let i = self
+                        .live_inode(s)?
+                        .ok_or_else(|| anyhow!("inode vanished"))?;
                     rec.set_local(&l);
                     if !store_was_changed {
                         rec.stamp = stamp(&i);
@@ -608,7 +626,10 @@ impl Reconciler {
         }
 
         // 3. New local files and symlinks.
-        for rel in new.iter().filter(|p| scan.by_path[**p].kind != FileKind::Directory) {
+        for rel in new
+            .iter()
+            .filter(|p| scan.by_path[**p].kind != FileKind::Directory)
+        {
             let l = &scan.by_path[*rel];
             if by_lino.contains_key(&l.ino) {
                 continue;
@@ -682,7 +703,9 @@ impl Reconciler {
         if l.kind == FileKind::File && !self.import_content(s, &abs, l)? {
             // Changing while read: the next pass finishes it. Record it anyway, with a
             // local state that differs, so the next pass sees an edit.
-            let i = self.live_inode(s)?.ok_or_else(|| anyhow!("inode vanished"))?;
+            let i = self
+                .live_inode(s)?
+                .ok_or_else(|| anyhow!("inode vanished"))?;
             let mut r = self.new_rec(parent, &name, &name, l, &i);
             r.l_size = u64::MAX;
             st.put(s, r);
@@ -701,7 +724,9 @@ impl Reconciler {
                 None,
             );
         }
-        let i = self.live_inode(s)?.ok_or_else(|| anyhow!("inode vanished"))?;
+        let i = self
+            .live_inode(s)?
+            .ok_or_else(|| anyhow!("inode vanished"))?;
         st.put(s, self.new_rec(parent, &name, &name, l, &i));
         tracing::debug!("watch: {} imported", rel.display());
         Ok(Some(s))
@@ -737,7 +762,9 @@ impl Reconciler {
             Err(e) => return Err(e).with_context(|| format!("reading {}", abs.display())),
         };
         let store = self.core.store();
-        let inode = store.get_inode(s)?.ok_or_else(|| anyhow!("inode vanished"))?;
+        let inode = store
+            .get_inode(s)?
+            .ok_or_else(|| anyhow!("inode vanished"))?;
         let theirs = store.open_content(s, true)?;
         let fh = self
             .core
@@ -768,9 +795,11 @@ impl Reconciler {
             let caller = Self::caller(l);
             let size = (off < inode.size).then_some(off);
             let mode = (self.caps.modes && l.mode != u32::from(inode.perm)).then_some(l.mode);
-            let now = store.get_inode(s)?.ok_or_else(|| anyhow!("inode vanished"))?;
-            let mtime = (ns(now.mtime) != l.mtime)
-                .then(|| TimeOrNow::SpecificTime(system_time(l.mtime)));
+            let now = store
+                .get_inode(s)?
+                .ok_or_else(|| anyhow!("inode vanished"))?;
+            let mtime =
+                (ns(now.mtime) != l.mtime).then(|| TimeOrNow::SpecificTime(system_time(l.mtime)));
             if size.is_some() || mode.is_some() || mtime.is_some() {
                 self.core
                     .do_setattr(&caller, s, mode, None, None, size, None, mtime, None)
@@ -781,8 +810,9 @@ impl Reconciler {
         let released = self.core.do_release(s, fh);
         result?;
         released.map_err(|e| errno("close", e))?;
-        let after = local_of(abs).ok();
-        let stable = after.is_some_and(|a| a.size == l.size && a.mtime == l.mtime && a.ino == l.ino);
+        let after = local_of(abs, self.caps.inos).ok();
+        let stable =
+            after.is_some_and(|a| a.size == l.size && a.mtime == l.mtime && a.ino == l.ino);
         if !stable {
             tracing::debug!("watch: {} changed while read; again later", abs.display());
             self.retry.store(true, Ordering::Relaxed);
@@ -818,7 +848,11 @@ impl Reconciler {
                 inode.parent,
                 OsStr::from_bytes(&name),
                 FileKind::File,
-                if self.caps.modes { l.mode } else { u32::from(inode.perm) },
+                if self.caps.modes {
+                    l.mode
+                } else {
+                    u32::from(inode.perm)
+                },
                 0,
                 0,
                 &[],
@@ -850,7 +884,7 @@ impl Reconciler {
         for (rel, s) in &gone {
             let rec = st.recs[s].clone();
             let abs = self.root.join(rel);
-            match local_of(&abs) {
+            match local_of(&abs, self.caps.inos) {
                 Ok(l) if l.ino == rec.l_ino && !rec.local_changed(&l) => {
                     let r = if l.kind == FileKind::Directory {
                         std::fs::remove_dir(&abs)
@@ -929,10 +963,18 @@ impl Reconciler {
                     if let Some(r) = st.recs.get(&c.ino).cloned() {
                         let old = st.path(c.ino).map(|p| self.root.join(p));
                         let moved = old.as_ref().is_some_and(|o| {
-                            local_of(o).is_ok_and(|l| l.ino == r.l_ino)
+                            local_of(o, self.caps.inos).is_ok_and(|l| l.ino == r.l_ino)
                                 && std::fs::rename(o, abs_dir.join(OsStr::from_bytes(&n))).is_ok()
                         });
                         let mut r = r;
+                        if moved {
+                            // Without stable inode numbers the identity is the path.
+                            if let Ok(l) =
+                                local_of(&abs_dir.join(OsStr::from_bytes(&n)), self.caps.inos)
+                            {
+                                r.l_ino = l.ino;
+                            }
+                        }
                         r.parent = dir;
                         r.name = c.name.clone();
                         r.local = n.clone();
@@ -953,7 +995,11 @@ impl Reconciler {
                 }
             };
             let child_rel = rel.join(OsStr::from_bytes(&local_name));
-            self.export_one(st, dir, &c.name, &local_name, &inode, &child_rel)?;
+            if let Err(e) = self.export_one(st, dir, &c.name, &local_name, &inode, &child_rel) {
+                tracing::warn!("watch: cannot write {}: {e:#}", child_rel.display());
+                self.retry.store(true, Ordering::Relaxed);
+                continue;
+            }
             if inode.kind == FileKind::Directory {
                 self.export_dir(st, c.ino, child_rel)?;
             }
@@ -974,7 +1020,7 @@ impl Reconciler {
     ) -> anyhow::Result<()> {
         let abs = self.root.join(rel);
         let rec = st.recs.get(&inode.ino).cloned();
-        let here = local_of(&abs).ok();
+        let here = local_of(&abs, self.caps.inos).ok();
         let needs = match (&rec, &here) {
             (_, None) => true,
             (Some(r), Some(l)) if l.ino == r.l_ino => {
@@ -1012,13 +1058,13 @@ impl Reconciler {
                         std::fs::Permissions::from_mode(u32::from(inode.perm)),
                     );
                 }
-                local_of(&abs)?
+                local_of(&abs, self.caps.inos)?
             }
             FileKind::Symlink => {
                 let tmp = temp_path(&abs);
                 std::os::unix::fs::symlink(OsStr::from_bytes(&inode.symlink), &tmp)?;
                 std::fs::rename(&tmp, &abs)?;
-                local_of(&abs)?
+                local_of(&abs, self.caps.inos)?
             }
             _ => self.write_file(inode, &abs)?,
         };
@@ -1034,21 +1080,33 @@ impl Reconciler {
     fn write_file(&self, inode: &Inode, abs: &Path) -> anyhow::Result<Local> {
         let tmp = temp_path(abs);
         let r = (|| -> anyhow::Result<()> {
-            let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut out =
+                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut copied = 0;
             match File::open(self.core.store().content_path(inode.ino)) {
                 Ok(src) => {
                     let mut src = src.take(inode.size);
-                    std::io::copy(&mut src, &mut out)?;
+                    copied = std::io::copy(&mut src, &mut out)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
             }
-            out.set_len(inode.size)?;
+            if copied < inode.size {
+                // A sparse tail (not every file system can truncate: only when needed).
+                out.set_len(inode.size)
+                    .with_context(|| format!("sizing {}", tmp.display()))?;
+            }
             if self.caps.modes {
                 out.set_permissions(std::fs::Permissions::from_mode(u32::from(inode.perm)))?;
             }
-            out.set_modified(system_time(ns(inode.mtime)))?;
-            out.sync_all()?;
+            // Some file systems keep no such times (or refuse to set them): the record
+            // holds what the file really has.
+            if let Err(e) = out.set_modified(system_time(ns(inode.mtime))) {
+                tracing::debug!("watch: cannot set the mtime of {}: {e}", abs.display());
+            }
+            out.sync_all()
+                .with_context(|| format!("fsync of {}", tmp.display()))?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -1056,7 +1114,7 @@ impl Reconciler {
             return Err(e);
         }
         std::fs::rename(&tmp, abs).with_context(|| format!("renaming over {}", abs.display()))?;
-        Ok(local_of(abs)?)
+        Ok(local_of(abs, self.caps.inos)?)
     }
 }
 
