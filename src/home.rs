@@ -65,6 +65,11 @@ impl Home {
     pub fn mount_log(&self) -> PathBuf {
         self.root.join("mount.log")
     }
+    /// The log of a background `deltadrive watch`.
+    pub fn watch_log(&self) -> PathBuf {
+        self.root.join("watch.log")
+    }
+
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("mount.pid")
     }

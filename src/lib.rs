@@ -24,3 +24,4 @@ pub mod logging;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod watch;

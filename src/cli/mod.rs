@@ -201,10 +201,17 @@ pub struct LoginArgs {
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
-    /// The folder to sync
+    /// The folder to sync (an existing folder; the home folder must not be inside it)
     pub dir: PathBuf,
     #[command(flatten)]
     pub home: HomeArg,
+    /// Stay in the foreground instead of returning once the folder is watched
+    #[arg(long)]
+    pub foreground: bool,
+    /// Milliseconds the folder must be quiet before its changes are taken in (and before
+    /// new files, renames and deletes are committed as a change)
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    pub quiet_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -258,7 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man(a) => docs::man(a),
         Command::Outbox(a) => mount::outbox(a),
         Command::Completions(a) => docs::completions(a),
-        Command::Watch(_) => not_yet("watch", 6),
+        Command::Watch(a) => mount::watch(a),
         Command::History(a) => history::history(a),
         Command::Restore(a) => history::restore(a),
         Command::Wait(a) => history::wait(a),
@@ -266,11 +273,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unpin(a) => pin::unpin(a),
     }
 }
-
-fn not_yet(what: &str, issue: u32) -> anyhow::Result<()> {
-    anyhow::bail!("`deltadrive {what}` is not available in this build yet (issue #{issue})")
-}
-
 /// `1234567` as `1.2 MiB`.
 pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

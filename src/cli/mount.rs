@@ -104,25 +104,10 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
         }),
     };
     if args.foreground {
-        let ready_fd = std::env::var(READY_FD_ENV)
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok());
-        // SAFETY: the fd was created for us by the parent and is used only here.
-        let mut ready = ready_fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
-        let result = crate::fs::mount::run(&home, &args.mountpoint, options, || {
-            if let Some(mut f) = ready.take() {
-                let _ = f.write_all(b"ready\n");
-            }
+        return run_reporting_ready(|ready| {
+            crate::fs::mount::run(&home, &args.mountpoint, options, ready)
         });
-        if let (Err(e), Some(mut f)) = (&result, ready) {
-            let _ = writeln!(f, "error: {e:#}");
-        }
-        return result;
     }
-    spawn_daemon(&home, &args)
-}
-
-fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
     if !args.mountpoint.is_dir() {
         bail!(
             "mount point {} is not an existing folder",
@@ -131,11 +116,94 @@ fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
     }
     home.create()?;
     let mountpoint = args.mountpoint.canonicalize()?;
+    let mut daemon_args: Vec<std::ffi::OsString> = vec![
+        "mount".into(),
+        mountpoint.clone().into(),
+        "--foreground".into(),
+        "--home".into(),
+        home.root().into(),
+    ];
+    if args.writeback_cache {
+        daemon_args.push("--writeback-cache".into());
+    }
+    daemon_args.push("--quiet-ms".into());
+    daemon_args.push(args.quiet_ms.to_string().into());
+    if args.on_demand {
+        daemon_args.push("--on-demand".into());
+        daemon_args.push("--cache-size".into());
+        daemon_args.push(args.cache_size.to_string().into());
+    }
+    let pid = spawn_daemon(&home.mount_log(), &daemon_args, "mount")?;
+    println!("mounted {} (pid {pid})", mountpoint.display());
+    Ok(())
+}
+
+/// `deltadrive watch DIR`: like `mount`, in the background unless `--foreground`.
+pub fn watch(args: crate::cli::WatchArgs) -> anyhow::Result<()> {
+    let home = Home::resolve(args.home.home.as_deref())?;
+    let options = FsOptions {
+        writeback_cache: false,
+        quiet_period: std::time::Duration::from_millis(args.quiet_ms),
+        on_demand: None,
+    };
+    if args.foreground {
+        return run_reporting_ready(|ready| crate::watch::run(&home, &args.dir, options, ready));
+    }
+    // Checked here too, so a bad folder is refused before anything starts.
+    let dir = crate::watch::check_paths(&home, &args.dir)?;
+    home.create()?;
+    let daemon_args: Vec<std::ffi::OsString> = vec![
+        "watch".into(),
+        dir.clone().into(),
+        "--foreground".into(),
+        "--home".into(),
+        home.root().into(),
+        "--quiet-ms".into(),
+        args.quiet_ms.to_string().into(),
+    ];
+    let pid = spawn_daemon(&home.watch_log(), &daemon_args, "watch")?;
+    println!("watching {} (pid {pid})", dir.display());
+    Ok(())
+}
+
+/// Runs a daemon's body in the foreground; when started by [`spawn_daemon`], reports
+/// "ready" or the error line on the fd it was given.
+fn run_reporting_ready(
+    body: impl FnOnce(Box<dyn FnOnce()>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let ready_fd = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok());
+    // SAFETY: the fd was created for us by the parent and is used only here.
+    let ready = ready_fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+    let ready = std::sync::Arc::new(std::sync::Mutex::new(ready));
+    let on_ready = {
+        let ready = std::sync::Arc::clone(&ready);
+        Box::new(move || {
+            if let Some(mut f) = ready.lock().ok().and_then(|mut r| r.take()) {
+                let _ = f.write_all(b"ready\n");
+            }
+        })
+    };
+    let result = body(on_ready);
+    if let (Err(e), Some(mut f)) = (&result, ready.lock().ok().and_then(|mut r| r.take())) {
+        let _ = writeln!(f, "error: {e:#}");
+    }
+    result
+}
+
+/// Starts `deltadrive ARGS` (which must run in the foreground) as a daemon in a new
+/// session, output to `log`; returns its pid once it reports ready, or its error line.
+fn spawn_daemon(
+    log_path: &Path,
+    daemon_args: &[std::ffi::OsString],
+    what: &str,
+) -> anyhow::Result<u32> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(home.mount_log())
-        .with_context(|| format!("opening {}", home.mount_log().display()))?;
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     let mut fds = [0i32; 2];
     // SAFETY: fds is a valid out-array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -146,20 +214,7 @@ fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let child_fd = fds[1];
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("mount")
-        .arg(&mountpoint)
-        .arg("--foreground")
-        .arg("--home")
-        .arg(home.root());
-    if args.writeback_cache {
-        cmd.arg("--writeback-cache");
-    }
-    cmd.arg("--quiet-ms").arg(args.quiet_ms.to_string());
-    if args.on_demand {
-        cmd.arg("--on-demand")
-            .arg("--cache-size")
-            .arg(args.cache_size.to_string());
-    }
+    cmd.args(daemon_args);
     cmd.env(READY_FD_ENV, child_fd.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -173,14 +228,15 @@ fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the {what} daemon"))?;
     drop(write_end);
     let mut reader = BufReader::new(std::fs::File::from(read_end));
     let mut line = String::new();
     reader.read_line(&mut line)?;
     if line.trim() == "ready" {
-        println!("mounted {} (pid {})", mountpoint.display(), child.id());
-        return Ok(());
+        return Ok(child.id());
     }
     let status = child.wait()?;
     let msg = line
@@ -190,8 +246,8 @@ fn spawn_daemon(home: &Home, args: &MountArgs) -> anyhow::Result<()> {
         .to_string();
     if msg.is_empty() {
         bail!(
-            "the mount daemon exited ({status}) before the mount was ready; see {}",
-            home.mount_log().display()
+            "the {what} daemon exited ({status}) before it was ready; see {}",
+            log_path.display()
         );
     }
     bail!("{msg}")
@@ -268,6 +324,8 @@ struct StatusReport {
     home: PathBuf,
     mounted: bool,
     mountpoint: Option<PathBuf>,
+    /// The folder a running `deltadrive watch` keeps in sync.
+    watching: Option<PathBuf>,
     pid: Option<u32>,
     logged_in: bool,
     server: Option<String>,
@@ -301,7 +359,13 @@ struct Pending {
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let home = Home::resolve(args.home.home.as_deref())?;
-    let rec = PidRecord::read(&home).filter(|r| r.alive() && is_deltadrive_mount(&r.mountpoint));
+    let rec = PidRecord::read(&home)
+        .filter(|r| r.alive() && (r.watch || is_deltadrive_mount(&r.mountpoint)));
+    let watching = rec
+        .as_ref()
+        .filter(|r| r.watch)
+        .map(|r| r.mountpoint.clone());
+    let rec = rec.filter(|r| !r.watch);
     let device: Option<serde_json::Value> = std::fs::read(home.device_file())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -336,7 +400,12 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         home: home.root().to_path_buf(),
         mounted: rec.is_some(),
         mountpoint: rec.as_ref().map(|r| r.mountpoint.clone()),
-        pid: rec.as_ref().map(|r| r.pid),
+        watching: watching.clone(),
+        pid: rec.as_ref().map(|r| r.pid).or_else(|| {
+            watching
+                .as_ref()
+                .and_then(|_| PidRecord::read(&home).map(|r| r.pid))
+        }),
         logged_in: device.is_some(),
         server,
         online,
@@ -371,6 +440,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     match (&report.mountpoint, report.pid) {
         (Some(mp), Some(pid)) => println!("mounted:         {} (pid {pid})", mp.display()),
         _ => println!("mounted:         no"),
+    }
+    if let (Some(dir), Some(pid)) = (&report.watching, report.pid) {
+        println!("watching:        {} (pid {pid})", dir.display());
     }
     match (&report.server, report.online) {
         (Some(s), Some(true)) => println!("server:          {s} (reachable)"),

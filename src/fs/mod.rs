@@ -139,12 +139,35 @@ fn resolve_time(t: TimeOrNow, now: Timespec) -> Timespec {
     }
 }
 
+/// Who asks for a change: the kernel's request, or the watched-folder adapter acting for
+/// the owner of a local file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// The process whose supplementary groups count (0: none).
+    pub pid: u32,
+}
+
+impl Caller {
+    fn of(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+}
+
 /// Whether `uid` may act on `gid` as a member (primary or supplementary group of `pid`).
-fn in_group(req: &Request, gid: u32) -> bool {
-    if req.gid() == gid {
+fn in_group(req: &Caller, gid: u32) -> bool {
+    if req.gid == gid {
         return true;
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+    if req.pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid)) else {
         return false;
     };
     status
@@ -243,9 +266,9 @@ impl FsCore {
 
     /// Makes a new inode of `kind` named `name` in `parent`, in one batch.
     #[allow(clippy::too_many_arguments)]
-    fn make_node(
+    pub(crate) fn make_node(
         &self,
-        req: &Request,
+        req: &Caller,
         parent: u64,
         name: &OsStr,
         kind: FileKind,
@@ -265,7 +288,7 @@ impl FsCore {
         }
         let now = Timespec::now();
         let mut perm = (mode & !umask & 0o7777) as u16;
-        let mut gid = req.gid();
+        let mut gid = req.gid;
         if p.perm & libc::S_ISGID as u16 != 0 {
             gid = p.gid;
             if kind == FileKind::Directory {
@@ -274,7 +297,7 @@ impl FsCore {
         }
         if kind != FileKind::Directory
             && perm & libc::S_ISGID as u16 != 0
-            && req.uid() != 0
+            && req.uid != 0
             && !in_group(req, gid)
         {
             perm &= !(libc::S_ISGID as u16);
@@ -289,7 +312,7 @@ impl FsCore {
             object: ObjectId::random(),
             kind,
             perm,
-            uid: req.uid(),
+            uid: req.uid,
             gid,
             nlink: if kind == FileKind::Directory { 2 } else { 1 },
             size: if kind == FileKind::Symlink {
@@ -350,7 +373,7 @@ impl FsCore {
         }
     }
 
-    fn do_unlink(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
+    pub(crate) fn do_unlink(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
         let name = name_bytes(name)?;
         let _g = self.lock();
         let mut p = self.dir_inode(parent)?;
@@ -381,7 +404,7 @@ impl FsCore {
         Ok(())
     }
 
-    fn do_rename(
+    pub(crate) fn do_rename(
         &self,
         parent: u64,
         name: &OsStr,
@@ -489,9 +512,9 @@ impl FsCore {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn do_setattr(
+    pub(crate) fn do_setattr(
         &self,
-        req: &Request,
+        req: &Caller,
         ino: u64,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -517,7 +540,7 @@ impl FsCore {
         if let Some(m) = mode {
             let mut perm = (m & 0o7777) as u16;
             // A non-owner group member may not keep setgid on a file it cannot use as group.
-            if req.uid() != 0
+            if req.uid != 0
                 && i.kind != FileKind::Directory
                 && perm & libc::S_ISGID as u16 != 0
                 && !in_group(req, gid.unwrap_or(i.gid))
@@ -532,7 +555,7 @@ impl FsCore {
             let new_gid = gid.unwrap_or(i.gid);
             if (new_uid != i.uid || new_gid != i.gid)
                 && i.kind != FileKind::Directory
-                && req.uid() != 0
+                && req.uid != 0
             {
                 // As ext4: a chown by a non-root caller clears setuid and setgid.
                 i.perm &= !((libc::S_ISUID | libc::S_ISGID) as u16);
@@ -587,7 +610,7 @@ impl FsCore {
         Ok(i)
     }
 
-    fn do_open(&self, ino: u64, flags: OpenFlags) -> FsResult<u64> {
+    pub(crate) fn do_open(&self, ino: u64, flags: OpenFlags) -> FsResult<u64> {
         let mut i = self.inode(ino)?;
         match i.kind {
             FileKind::Directory => return Err(Errno::EISDIR),
@@ -611,7 +634,7 @@ impl FsCore {
         Ok(self.open_handle(ino, file, absent))
     }
 
-    fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let file = self.handle_file(fh)?;
         file.write_all_at(data, offset)?;
         let end = offset + data.len() as u64;
@@ -638,7 +661,7 @@ impl FsCore {
         Ok(data.len() as u32)
     }
 
-    fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
+    pub(crate) fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
         let state = self.files.lock().remove(&fh);
         if let Some(st) = state.filter(|s| s.stale_written) {
             if let Err(e) = self.keep_stale_handle(ino, &st.file) {
@@ -1072,7 +1095,17 @@ impl Filesystem for DeltaFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(req, ino.0, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(
+            &Caller::of(req),
+            ino.0,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        ) {
             Ok(i) => reply.attr(&TTL, &self.attr(&i)),
             Err(e) => reply.error(e),
         }
@@ -1104,7 +1137,16 @@ impl Filesystem for DeltaFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        match self.make_node(req, parent.0, name, kind, mode, umask, rdev, &[]) {
+        match self.make_node(
+            &Caller::of(req),
+            parent.0,
+            name,
+            kind,
+            mode,
+            umask,
+            rdev,
+            &[],
+        ) {
             Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -1120,7 +1162,7 @@ impl Filesystem for DeltaFs {
         reply: ReplyEntry,
     ) {
         match self.make_node(
-            req,
+            &Caller::of(req),
             parent.0,
             name,
             FileKind::Directory,
@@ -1156,7 +1198,7 @@ impl Filesystem for DeltaFs {
             return;
         }
         match self.make_node(
-            req,
+            &Caller::of(req),
             parent.0,
             link_name,
             FileKind::Symlink,
@@ -1526,7 +1568,16 @@ impl Filesystem for DeltaFs {
             if kind != FileKind::File {
                 return Err(Errno::EINVAL);
             }
-            let i = self.make_node(req, parent.0, name, FileKind::File, mode, umask, 0, &[])?;
+            let i = self.make_node(
+                &Caller::of(req),
+                parent.0,
+                name,
+                FileKind::File,
+                mode,
+                umask,
+                0,
+                &[],
+            )?;
             let fh = self.do_open(i.ino, OpenFlags(flags))?;
             Ok((i, fh))
         })();

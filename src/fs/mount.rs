@@ -46,6 +46,8 @@ pub fn device_name(home: &Home) -> String {
 pub struct PidRecord {
     pub pid: u32,
     pub mountpoint: PathBuf,
+    /// A `deltadrive watch` daemon: `mountpoint` is the watched folder.
+    pub watch: bool,
 }
 
 impl PidRecord {
@@ -54,7 +56,12 @@ impl PidRecord {
         let mut lines = text.lines();
         let pid = lines.next()?.trim().parse().ok()?;
         let mountpoint = PathBuf::from(lines.next()?);
-        Some(PidRecord { pid, mountpoint })
+        let watch = lines.next().is_some_and(|l| l.trim() == "watch");
+        Some(PidRecord {
+            pid,
+            mountpoint,
+            watch,
+        })
     }
 
     /// Whether the recorded process still runs.
@@ -113,6 +120,24 @@ fn allow_other() -> bool {
         .unwrap_or(false)
 }
 
+/// Opens `home`'s store for a daemon (a mount or a watch), with a clear error when another
+/// daemon holds it.
+pub(crate) fn open_store(home: &Home) -> anyhow::Result<Arc<Store>> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    Store::open(&home.db_dir(), &home.content_dir(), uid, gid).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("lock") {
+            anyhow::anyhow!(
+                "the home folder {} is in use by another deltadrive process",
+                home.root().display()
+            )
+        } else {
+            anyhow::anyhow!(msg)
+        }
+    })
+}
+
 /// Mounts `home`'s store on `mountpoint` and serves it until unmounted or signalled.
 /// `on_ready` runs once the mount answers requests.
 ///
@@ -135,19 +160,7 @@ pub fn run(
     }
     let mountpoint = mountpoint.canonicalize()?;
     home.create()?;
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let store = Store::open(&home.db_dir(), &home.content_dir(), uid, gid).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("lock") {
-            anyhow::anyhow!(
-                "the home folder {} is in use by another deltadrive process",
-                home.root().display()
-            )
-        } else {
-            anyhow::anyhow!(msg)
-        }
-    })?;
+    let store = open_store(home)?;
     let device = device_name(home);
     let capture = Capture::load(&store, device.clone(), options.quiet_period)?;
     let core = Arc::new(FsCore::new(Arc::clone(&store), options, capture));
@@ -173,7 +186,7 @@ pub fn run(
     // Signal handlers before READY=1: a stop right after the start unmounts cleanly instead
     // of dying by SIGTERM's default action and leaving a dead mount.
     let signals = StopSignals::install()?;
-    write_pid_file(home, &mountpoint)?;
+    write_pid_file(home, &mountpoint, false)?;
     tracing::info!(
         "mounted {} (home {})",
         mountpoint.display(),
@@ -261,10 +274,14 @@ pub fn run(
     result.context("FUSE session")
 }
 
-fn write_pid_file(home: &Home, mountpoint: &Path) -> anyhow::Result<()> {
+/// Records the running daemon: its pid, its folder and, for `watch`, a third line `watch`.
+pub(crate) fn write_pid_file(home: &Home, folder: &Path, watch: bool) -> anyhow::Result<()> {
     let tmp = home.pid_file().with_extension("pid.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{}\n{}", std::process::id(), mountpoint.display())?;
+    writeln!(f, "{}\n{}", std::process::id(), folder.display())?;
+    if watch {
+        writeln!(f, "watch")?;
+    }
     std::fs::rename(&tmp, home.pid_file())?;
     Ok(())
 }
@@ -287,7 +304,7 @@ pub fn lazy_unmount(mountpoint: &Path) {
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught from [`StopSignals::install`] on.
-struct StopSignals {
+pub(crate) struct StopSignals {
     rt: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -295,7 +312,7 @@ struct StopSignals {
 }
 
 impl StopSignals {
-    fn install() -> anyhow::Result<StopSignals> {
+    pub(crate) fn install() -> anyhow::Result<StopSignals> {
         use tokio::signal::unix::{signal, SignalKind};
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -313,7 +330,7 @@ impl StopSignals {
 
     /// Blocks until SIGTERM/SIGINT/SIGHUP (returns its name) or until the session ends by
     /// itself (an external `umount`/`fusermount3 -u`; returns `None`).
-    fn wait_or(
+    pub(crate) fn wait_or(
         self,
         done: tokio::sync::oneshot::Receiver<()>,
     ) -> anyhow::Result<Option<&'static str>> {

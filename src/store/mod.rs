@@ -256,6 +256,21 @@ impl Store {
         self.remove_orphans()
     }
 
+    /// Every key of the meta column family starting with `prefix`, with its value. Adapters
+    /// keep their own state there under a prefix of their own (the watched folder:
+    /// `watch/`).
+    pub fn meta_range(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(CF_META), prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Deletes inodes that were unlinked while open when the last daemon stopped.
     fn remove_orphans(&self) -> Result<()> {
         let meta = self.cf(CF_META);
@@ -543,6 +558,16 @@ impl Batch<'_> {
 
     pub fn clear_orphan(&mut self, ino: u64) {
         self.wb.delete_cf(self.store.cf(CF_META), orphan_key(ino));
+    }
+
+    /// Sets a key of an adapter's own range of the meta column family (see
+    /// [`Store::meta_range`]).
+    pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
+        self.wb.put_cf(self.store.cf(CF_META), key, value);
+    }
+
+    pub fn delete_meta(&mut self, key: &[u8]) {
+        self.wb.delete_cf(self.store.cf(CF_META), key);
     }
 }
 

@@ -138,6 +138,11 @@ pub struct Syncer {
 /// Where the driver sends what the kernel must forget.
 pub type Invalidate = Box<dyn Fn(&[Invalidation]) + Send + Sync>;
 
+/// Runs before pulled transactions are applied, outside the metadata lock: a source that
+/// finds local changes by looking (the watched folder) brings them into the store first, so
+/// the engine's conflict rules see them.
+pub type BeforeApply = Box<dyn Fn() + Send + Sync>;
+
 impl Syncer {
     /// Builds the engine from the store and hooks it into the capture layer. Without a
     /// login the engine only queues local changes (nothing is sent until `deltadrive
@@ -150,6 +155,20 @@ impl Syncer {
         home: &Home,
         device: String,
         invalidate: Invalidate,
+    ) -> anyhow::Result<Syncer> {
+        Self::start_with(core, home, device, invalidate, None)
+    }
+
+    /// [`Syncer::start`] with a hook run before each apply of pulled transactions.
+    ///
+    /// # Errors
+    /// As [`Syncer::start`].
+    pub fn start_with(
+        core: Arc<FsCore>,
+        home: &Home,
+        device: String,
+        invalidate: Invalidate,
+        before_apply: Option<BeforeApply>,
     ) -> anyhow::Result<Syncer> {
         let store = Arc::clone(core.store());
         let config = EngineConfig::new(device, rand::random());
@@ -206,6 +225,7 @@ impl Syncer {
                         core,
                         client,
                         invalidate,
+                        before_apply,
                     };
                     rt.block_on(driver.run());
                 })?
@@ -299,6 +319,7 @@ struct Driver {
     core: Arc<FsCore>,
     client: Client,
     invalidate: Invalidate,
+    before_apply: Option<BeforeApply>,
 }
 
 type InFlight = (RequestId, tokio::task::JoinHandle<Outcome>);
@@ -730,6 +751,9 @@ impl Driver {
             }
             Outcome::Pulled { entries, head } => {
                 let seal = !entries.is_empty();
+                if let (true, Some(hook)) = (seal, &self.before_apply) {
+                    tokio::task::block_in_place(hook);
+                }
                 if let Some(last) = entries.last() {
                     tracing::debug!(
                         "pulled {} entr(ies) up to {}, head {head}",

@@ -1,0 +1,1150 @@
+//! Keeping a plain folder and the device's store in step: a three-way comparison of the
+//! folder, the store and what both held when they last agreed (one [`Rec`] per synced
+//! object, kept in the store's meta column family under `watch/`).
+//!
+//! One pass ([`Reconciler::reconcile`]) does both directions:
+//! 1. import: what changed in the folder since its record (new, edited, renamed — found by
+//!    the local inode number —, deleted) goes into the store through [`FsCore`]'s own
+//!    operations, so the capture layer turns it into ordinary change-log transactions;
+//! 2. export: what changed in the store since its record (remote applies) is written into
+//!    the folder: new content through a temp file in the same folder, fsync, rename over.
+//!
+//! What always holds:
+//! - A local change is never overwritten: a file changed on both sides is imported as a
+//!   conflicted copy (a new file) before the store's version is written over it; a local
+//!   file that changed while being read is left for the next pass.
+//! - Names: the store keeps every name as the log has it; the folder holds its adapted local
+//!   name ([`super::names`]), recorded in the object's record.
+//! - The adapter's own files (temp files, probes) start with [`TMP_PREFIX`] and are never
+//!   imported.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use fuser::{Errno, OpenFlags, RenameFlags, TimeOrNow};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::names::{self, NameRules};
+use crate::fs::{Caller, FsCore};
+use crate::store::{FileKind, Inode, ROOT_INO};
+
+/// Names the adapter uses for its own files in the folder; never synced.
+pub const TMP_PREFIX: &str = ".deltadrive-tmp-";
+/// The meta key range of the records.
+const KEY_PREFIX: &[u8] = b"watch/rec/";
+/// Bytes compared (and written when different) at a time when importing content.
+const BLOCK: usize = 64 << 10;
+
+/// What the folder's file system can hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    pub names: NameRules,
+    /// chmod sticks (not on vfat).
+    pub modes: bool,
+    pub symlinks: bool,
+    /// Distinct files have distinct inode numbers (not on fusefat, which shows one number
+    /// for all): otherwise an entry's identity is its path, and a rename is seen as a
+    /// delete and a create.
+    pub inos: bool,
+}
+
+/// The store's side of a record: enough to tell that the store changed the object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+struct Stamp {
+    ctime: i64,
+    mtime: i64,
+    size: u64,
+    perm: u16,
+    target: Vec<u8>,
+}
+
+/// One object as the folder and the store last agreed on it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Rec {
+    /// Its place in the store (folder inode, name as in the change log).
+    parent: u64,
+    name: Vec<u8>,
+    /// Its name in the local folder of `parent`.
+    local: Vec<u8>,
+    kind: u8,
+    l_ino: u64,
+    l_size: u64,
+    l_mtime: i64,
+    l_mode: u32,
+    l_target: Vec<u8>,
+    stamp: Stamp,
+}
+
+fn kind_code(k: FileKind) -> u8 {
+    match k {
+        FileKind::Directory => 1,
+        FileKind::Symlink => 2,
+        _ => 0,
+    }
+}
+
+fn ns(t: crate::store::Timespec) -> i64 {
+    t.secs * 1_000_000_000 + i64::from(t.nsec)
+}
+
+fn stamp(i: &Inode) -> Stamp {
+    if i.kind == FileKind::Directory {
+        // A folder's times change with its children: only its mode is its own.
+        return Stamp {
+            perm: i.perm,
+            ..Stamp::default()
+        };
+    }
+    Stamp {
+        ctime: ns(i.ctime),
+        mtime: ns(i.mtime),
+        size: i.size,
+        perm: i.perm,
+        target: i.symlink.clone(),
+    }
+}
+
+/// A stamp no inode has: the store is taken as changed at the next pass.
+fn stale_stamp() -> Stamp {
+    Stamp {
+        ctime: i64::MIN,
+        ..Stamp::default()
+    }
+}
+
+/// A local entry as `lstat` shows it.
+#[derive(Clone, Debug)]
+struct Local {
+    ino: u64,
+    kind: FileKind,
+    size: u64,
+    mtime: i64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    target: Vec<u8>,
+}
+
+fn local_of(path: &Path, inos: bool) -> std::io::Result<Local> {
+    let md = std::fs::symlink_metadata(path)?;
+    let ino = if inos {
+        md.ino()
+    } else {
+        let h = blake3::hash(path.as_os_str().as_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+    };
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        FileKind::Directory
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else if ft.is_file() {
+        FileKind::File
+    } else {
+        // Sockets, fifos, devices: not synced from a plain folder.
+        return Err(std::io::Error::other("not a file, folder or symlink"));
+    };
+    let target = if kind == FileKind::Symlink {
+        std::fs::read_link(path)?.as_os_str().as_bytes().to_vec()
+    } else {
+        Vec::new()
+    };
+    Ok(Local {
+        ino,
+        kind,
+        size: if kind == FileKind::File { md.len() } else { 0 },
+        mtime: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        target,
+    })
+}
+
+impl Rec {
+    fn local_changed(&self, l: &Local) -> bool {
+        if l.ino != self.l_ino || kind_code(l.kind) != self.kind || l.mode != self.l_mode {
+            return true;
+        }
+        match l.kind {
+            FileKind::File => l.size != self.l_size || l.mtime != self.l_mtime,
+            FileKind::Symlink => l.target != self.l_target,
+            _ => false,
+        }
+    }
+
+    fn store_changed(&self, i: &Inode) -> bool {
+        stamp(i) != self.stamp
+    }
+
+    fn set_local(&mut self, l: &Local) {
+        self.kind = kind_code(l.kind);
+        self.l_ino = l.ino;
+        self.l_size = l.size;
+        self.l_mtime = l.mtime;
+        self.l_mode = l.mode;
+        self.l_target = l.target.clone();
+    }
+}
+
+fn errno(what: &str, e: Errno) -> anyhow::Error {
+    anyhow!("{what}: {e:?}")
+}
+
+/// The folder as scanned at the start of a pass (relative paths).
+struct Scan {
+    by_path: HashMap<PathBuf, Local>,
+    by_ino: HashMap<u64, PathBuf>,
+}
+
+fn scan(root: &Path, inos: bool) -> Scan {
+    let mut s = Scan {
+        by_path: HashMap::new(),
+        by_ino: HashMap::new(),
+    };
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.as_bytes().starts_with(TMP_PREFIX.as_bytes()) {
+                continue;
+            }
+            let r = rel.join(&name);
+            let Ok(l) = local_of(&root.join(&r), inos) else {
+                continue;
+            };
+            if l.kind == FileKind::Directory {
+                stack.push(r.clone());
+            }
+            s.by_ino.insert(l.ino, r.clone());
+            s.by_path.insert(r, l);
+        }
+    }
+    s
+}
+
+fn depth(p: &Path) -> usize {
+    p.components().count()
+}
+
+fn file_name(p: &Path) -> Vec<u8> {
+    p.file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// The adapter's state between passes.
+struct State {
+    recs: HashMap<u64, Rec>,
+    dirty: HashSet<u64>,
+}
+
+impl State {
+    fn put(&mut self, ino: u64, r: Rec) {
+        self.recs.insert(ino, r);
+        self.dirty.insert(ino);
+    }
+
+    fn remove(&mut self, ino: u64) {
+        self.recs.remove(&ino);
+        self.dirty.insert(ino);
+    }
+
+    /// The local path (relative) of a store object through the records.
+    fn path(&self, ino: u64) -> Option<PathBuf> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        let mut guard = 0;
+        while cur != ROOT_INO {
+            let r = self.recs.get(&cur)?;
+            parts.push(r.local.clone());
+            cur = r.parent;
+            guard += 1;
+            if guard > 4096 {
+                return None;
+            }
+        }
+        let mut p = PathBuf::new();
+        for part in parts.iter().rev() {
+            p.push(OsStr::from_bytes(part));
+        }
+        Some(p)
+    }
+
+    /// The store folder for a local folder path, found by the folder's local inode.
+    fn store_dir(&self, scan: &Scan, by_lino: &HashMap<u64, u64>, rel: &Path) -> Option<u64> {
+        if rel.as_os_str().is_empty() {
+            return Some(ROOT_INO);
+        }
+        let l = scan.by_path.get(rel)?;
+        by_lino.get(&l.ino).copied()
+    }
+}
+
+/// Runs reconcile passes; one at a time.
+pub struct Reconciler {
+    core: Arc<FsCore>,
+    root: PathBuf,
+    caps: Caps,
+    state: Mutex<State>,
+    /// A pass left something for later (a file changing while read, a name collision).
+    retry: AtomicBool,
+}
+
+impl Reconciler {
+    /// Loads the records kept in the store.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn new(core: Arc<FsCore>, root: PathBuf, caps: Caps) -> anyhow::Result<Reconciler> {
+        let mut recs = HashMap::new();
+        for (k, v) in core.store().meta_range(KEY_PREFIX)? {
+            let Ok(raw) = <[u8; 8]>::try_from(&k[KEY_PREFIX.len()..]) else {
+                continue;
+            };
+            match serde_json::from_slice::<Rec>(&v) {
+                Ok(r) => {
+                    recs.insert(u64::from_be_bytes(raw), r);
+                }
+                Err(e) => tracing::warn!("dropping an unreadable watch record: {e}"),
+            }
+        }
+        Ok(Reconciler {
+            core,
+            root,
+            caps,
+            state: Mutex::new(State {
+                recs,
+                dirty: HashSet::new(),
+            }),
+            retry: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the last pass left something for a later one (and clears the flag).
+    pub fn take_retry(&self) -> bool {
+        self.retry.swap(false, Ordering::Relaxed)
+    }
+
+    /// One pass both ways; errors are logged (the next pass tries again).
+    pub fn reconcile(&self) {
+        let mut st = self.state.lock();
+        let started = std::time::Instant::now();
+        if let Err(e) = self.import(&mut st) {
+            tracing::error!("watch: importing local changes failed: {e:#}");
+            self.retry.store(true, Ordering::Relaxed);
+        }
+        if let Err(e) = self.export(&mut st) {
+            tracing::error!("watch: writing remote changes into the folder failed: {e:#}");
+            self.retry.store(true, Ordering::Relaxed);
+        }
+        if let Err(e) = self.persist(&mut st) {
+            tracing::error!("watch: saving the folder's records failed: {e:#}");
+        }
+        tracing::debug!(
+            "watch: reconciled in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    fn persist(&self, st: &mut State) -> anyhow::Result<()> {
+        if st.dirty.is_empty() {
+            return Ok(());
+        }
+        let store = self.core.store();
+        let mut b = store.batch();
+        for ino in st.dirty.drain() {
+            let mut key = KEY_PREFIX.to_vec();
+            key.extend_from_slice(&ino.to_be_bytes());
+            match st.recs.get(&ino) {
+                Some(r) => b.put_meta(&key, &serde_json::to_vec(r)?),
+                None => b.delete_meta(&key),
+            }
+        }
+        store.commit(b, false)?;
+        Ok(())
+    }
+
+    fn live_inode(&self, ino: u64) -> anyhow::Result<Option<Inode>> {
+        Ok(self
+            .core
+            .store()
+            .get_inode(ino)?
+            .filter(|i| i.nlink > 0 || i.ino == ROOT_INO))
+    }
+
+    fn caller(l: &Local) -> Caller {
+        Caller {
+            uid: l.uid,
+            gid: l.gid,
+            pid: 0,
+        }
+    }
+
+    // ----- folder → store -----
+
+    fn import(&self, st: &mut State) -> anyhow::Result<()> {
+        let scan = scan(&self.root, self.caps.inos);
+        let mut by_lino: HashMap<u64, u64> = st.recs.iter().map(|(s, r)| (r.l_ino, *s)).collect();
+
+        // 1. New local folders, parents first.
+        let mut new: Vec<&PathBuf> = scan
+            .by_path
+            .iter()
+            .filter(|(_, l)| !by_lino.contains_key(&l.ino))
+            .map(|(p, _)| p)
+            .collect();
+        new.sort_by_key(|p| (depth(p), (*p).clone()));
+        for rel in new
+            .iter()
+            .filter(|p| scan.by_path[**p].kind == FileKind::Directory)
+        {
+            let l = &scan.by_path[*rel];
+            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l)? {
+                by_lino.insert(l.ino, s);
+            }
+        }
+
+        // 2. Known objects: renames and edits (shallow first), then deletes (deep first).
+        let mut known: Vec<(usize, u64)> = st
+            .recs
+            .keys()
+            .filter_map(|s| st.path(*s).map(|p| (depth(&p), *s)))
+            .collect();
+        known.sort_unstable();
+        let mut gone = Vec::new();
+        for (_, s) in known {
+            // Computed now: a folder renamed earlier in this loop moved its children.
+            let (Some(rec), Some(path)) = (st.recs.get(&s).cloned(), st.path(s)) else {
+                continue;
+            };
+            let (l_ino, kind) = (rec.l_ino, rec.kind);
+            let same = |p: &Path| {
+                scan.by_path
+                    .get(p)
+                    .is_some_and(|l| l.ino == l_ino && kind_code(l.kind) == kind)
+            };
+            let mut rec = rec;
+            let now_at = if same(&path) {
+                Some(path.clone())
+            } else if let Some(p) = scan.by_ino.get(&rec.l_ino).filter(|p| same(p)) {
+                Some(p.clone())
+            } else {
+                // Replaced by a new local inode of the same kind (an editor's save: write a
+                // temp file, rename it over): the same object, edited.
+                match scan.by_path.get(&path) {
+                    Some(l)
+                        if kind_code(l.kind) == rec.kind
+                            && l.kind != FileKind::Directory
+                            && !by_lino.contains_key(&l.ino) =>
+                    {
+                        by_lino.remove(&rec.l_ino);
+                        by_lino.insert(l.ino, s);
+                        rec.l_ino = l.ino;
+                        rec.l_size = u64::MAX;
+                        Some(path.clone())
+                    }
+                    _ => None,
+                }
+            };
+            let Some(at) = now_at else {
+                gone.push((path, s));
+                continue;
+            };
+            let inode = self.live_inode(s)?;
+            let Some(inode) = inode else {
+                // Deleted in the store: an edit made here since beats the delete.
+                if rec.local_changed(&scan.by_path[&at]) {
+                    st.remove(s);
+                    by_lino.remove(&rec.l_ino);
+                    let l = scan.by_path[&at].clone();
+                    if let Some(n) = self.import_new(st, &scan, &by_lino, &at, &l)? {
+                        by_lino.insert(l.ino, n);
+                    }
+                }
+                continue;
+            };
+            let store_was_changed = rec.store_changed(&inode);
+            let mut inode = inode;
+            if at != path {
+                // Moved or renamed here.
+                let parent_rel = at.parent().unwrap_or(Path::new(""));
+                let Some(new_parent) = st.store_dir(&scan, &by_lino, parent_rel) else {
+                    self.retry.store(true, Ordering::Relaxed);
+                    continue;
+                };
+                let local_name = file_name(&at);
+                let store_name = if local_name == rec.local {
+                    inode.name.clone()
+                } else {
+                    local_name.clone()
+                };
+                let noop = new_parent == inode.parent && store_name == inode.name;
+                match if noop {
+                    Ok(())
+                } else {
+                    self.core.do_rename(
+                        inode.parent,
+                        OsStr::from_bytes(&inode.name),
+                        new_parent,
+                        OsStr::from_bytes(&store_name),
+                        RenameFlags::RENAME_NOREPLACE,
+                    )
+                } {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(
+                            "watch: cannot rename {} in the store ({e:?}); trying again later",
+                            path.display()
+                        );
+                        self.retry.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                inode = self
+                    .live_inode(s)?
+                    .ok_or_else(|| anyhow!("renamed inode vanished"))?;
+                rec.parent = new_parent;
+                rec.name = store_name;
+                rec.local = local_name;
+                rec.stamp = if store_was_changed {
+                    stale_stamp()
+                } else {
+                    stamp(&inode)
+                };
+                st.put(s, rec.clone());
+            }
+            let l = scan.by_path[&at].clone();
+            if !rec.local_changed(&l) {
+                continue;
+            }
+            let abs = self.root.join(&at);
+            match l.kind {
+                FileKind::File if store_was_changed => {
+                    // Changed on both sides: keep this side's version as a conflicted copy;
+                    // the store's version is written over the file by the export below.
+                    if self.import_conflicted_copy(&inode, &abs, &l)? {
+                        rec.set_local(&l);
+                        st.put(s, rec);
+                    }
+                }
+                FileKind::File => {
+                    if self.import_content(s, &abs, &l)? {
+                        let i = self
+                            .live_inode(s)?
+                            .ok_or_else(|| anyhow!("inode vanished"))?;
+                        rec.set_local(&l);
+                        rec.stamp = stamp(&i);
+                        st.put(s, rec);
+                    }
+                }
+                FileKind::Directory => {
+                    if self.caps.modes && l.mode != u32::from(inode.perm) {
+                        self.core
+                            .do_setattr(
+                                &Self::caller(&l),
+                                s,
+                                Some(l.mode),
+                                None,
+                                None,
+                                None,
+                                None,
+                                None,
+                                None,
+                            )
+                            .map_err(|e| errno("chmod", e))?;
+                    }
+                    let i = self
+                        .live_inode(s)?
+                        .ok_or_else(|| anyhow!("inode vanished"))?;
+                    rec.set_local(&l);
+                    if !store_was_changed {
+                        rec.stamp = stamp(&i);
+                    }
+                    st.put(s, rec);
+                }
+                _ => {
+                    // A symlink's target changed: symlinks are immutable, so replace it.
+                    self.core
+                        .do_unlink(inode.parent, OsStr::from_bytes(&inode.name), false)
+                        .map_err(|e| errno("unlink", e))?;
+                    st.remove(s);
+                    by_lino.remove(&rec.l_ino);
+                    if let Some(n) = self.import_new(st, &scan, &by_lino, &at, &l)? {
+                        by_lino.insert(l.ino, n);
+                    }
+                }
+            }
+        }
+        gone.sort_by_key(|(p, _)| std::cmp::Reverse((depth(p), p.clone())));
+        for (path, s) in gone {
+            let Some(rec) = st.recs.get(&s).cloned() else {
+                continue;
+            };
+            let Some(inode) = self.live_inode(s)? else {
+                st.remove(s);
+                continue;
+            };
+            if rec.kind != 1 && rec.store_changed(&inode) {
+                // Changed in the store since: the export puts the new version back.
+                continue;
+            }
+            let dir = rec.kind == 1;
+            match self
+                .core
+                .do_unlink(inode.parent, OsStr::from_bytes(&inode.name), dir)
+            {
+                Ok(()) => {
+                    tracing::debug!("watch: {} deleted here", path.display());
+                    st.remove(s);
+                }
+                // A folder that got new content from elsewhere comes back (export).
+                Err(e) if e == Errno::ENOTEMPTY => {}
+                Err(e) => return Err(errno("delete", e)),
+            }
+        }
+
+        // 3. New local files and symlinks.
+        for rel in new
+            .iter()
+            .filter(|p| scan.by_path[**p].kind != FileKind::Directory)
+        {
+            let l = &scan.by_path[*rel];
+            if by_lino.contains_key(&l.ino) {
+                continue;
+            }
+            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l)? {
+                by_lino.insert(l.ino, s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates (or adopts, when the store already has that name unclaimed) the store object
+    /// for a local entry that has no record; returns its store inode.
+    fn import_new(
+        &self,
+        st: &mut State,
+        scan: &Scan,
+        by_lino: &HashMap<u64, u64>,
+        rel: &Path,
+        l: &Local,
+    ) -> anyhow::Result<Option<u64>> {
+        if l.kind == FileKind::Symlink && !self.caps.symlinks {
+            return Ok(None);
+        }
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        let Some(parent) = st.store_dir(scan, by_lino, parent_rel) else {
+            self.retry.store(true, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let name = file_name(rel);
+        let store = self.core.store();
+        let existing = store.lookup(parent, &name)?;
+        let s = match existing {
+            Some((s, kind)) => {
+                if kind != l.kind || st.recs.contains_key(&s) {
+                    tracing::warn!(
+                        "watch: {} clashes with another object of the same name; left out",
+                        rel.display()
+                    );
+                    return Ok(None);
+                }
+                // The store already holds it (a record lost in a crash, or a home that was
+                // mounted before): adopt it and bring its content in line.
+                s
+            }
+            None => {
+                let mode = if self.caps.modes {
+                    l.mode
+                } else if l.kind == FileKind::Directory {
+                    0o755
+                } else {
+                    0o644
+                };
+                let i = self
+                    .core
+                    .make_node(
+                        &Self::caller(l),
+                        parent,
+                        OsStr::from_bytes(&name),
+                        l.kind,
+                        mode,
+                        0,
+                        0,
+                        &l.target,
+                    )
+                    .map_err(|e| errno("create", e))?;
+                i.ino
+            }
+        };
+        let abs = self.root.join(rel);
+        if l.kind == FileKind::File && !self.import_content(s, &abs, l)? {
+            // Changing while read: the next pass finishes it. Record it anyway, with a
+            // local state that differs, so the next pass sees an edit.
+            let i = self
+                .live_inode(s)?
+                .ok_or_else(|| anyhow!("inode vanished"))?;
+            let mut r = self.new_rec(parent, &name, &name, l, &i);
+            r.l_size = u64::MAX;
+            st.put(s, r);
+            return Ok(Some(s));
+        }
+        if existing.is_some() && l.kind == FileKind::Directory && self.caps.modes {
+            let _ = self.core.do_setattr(
+                &Self::caller(l),
+                s,
+                Some(l.mode),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            );
+        }
+        let i = self
+            .live_inode(s)?
+            .ok_or_else(|| anyhow!("inode vanished"))?;
+        st.put(s, self.new_rec(parent, &name, &name, l, &i));
+        tracing::debug!("watch: {} imported", rel.display());
+        Ok(Some(s))
+    }
+
+    fn new_rec(&self, parent: u64, name: &[u8], local: &[u8], l: &Local, i: &Inode) -> Rec {
+        let mut r = Rec {
+            parent,
+            name: name.to_vec(),
+            local: local.to_vec(),
+            kind: 0,
+            l_ino: 0,
+            l_size: 0,
+            l_mtime: 0,
+            l_mode: 0,
+            l_target: Vec::new(),
+            stamp: stamp(i),
+        };
+        r.set_local(l);
+        r
+    }
+
+    /// Brings the store's content, size, mtime (and mode) of inode `s` to the local file's,
+    /// writing only the blocks that differ. Returns false when the file changed while it was
+    /// read (the next pass tries again).
+    fn import_content(&self, s: u64, abs: &Path, l: &Local) -> anyhow::Result<bool> {
+        let mut f = match File::open(abs) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.retry.store(true, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", abs.display())),
+        };
+        let store = self.core.store();
+        let inode = store
+            .get_inode(s)?
+            .ok_or_else(|| anyhow!("inode vanished"))?;
+        let theirs = store.open_content(s, true)?;
+        let fh = self
+            .core
+            .do_open(s, OpenFlags(libc::O_RDWR))
+            .map_err(|e| errno("open", e))?;
+        let result = (|| -> anyhow::Result<()> {
+            let mut mine = vec![0u8; BLOCK];
+            let mut other = vec![0u8; BLOCK];
+            let mut off = 0u64;
+            loop {
+                let n = read_full(&mut f, &mut mine)?;
+                if n == 0 {
+                    break;
+                }
+                let m = if off < inode.size {
+                    let want = (inode.size - off).min(n as u64) as usize;
+                    read_full_at(&theirs, &mut other[..want], off)?
+                } else {
+                    0
+                };
+                if m != n || mine[..n] != other[..n] {
+                    self.core
+                        .do_write(s, fh, off, &mine[..n])
+                        .map_err(|e| errno("write", e))?;
+                }
+                off += n as u64;
+            }
+            let caller = Self::caller(l);
+            let size = (off < inode.size).then_some(off);
+            let mode = (self.caps.modes && l.mode != u32::from(inode.perm)).then_some(l.mode);
+            let now = store
+                .get_inode(s)?
+                .ok_or_else(|| anyhow!("inode vanished"))?;
+            let mtime =
+                (ns(now.mtime) != l.mtime).then(|| TimeOrNow::SpecificTime(system_time(l.mtime)));
+            if size.is_some() || mode.is_some() || mtime.is_some() {
+                self.core
+                    .do_setattr(&caller, s, mode, None, None, size, None, mtime, None)
+                    .map_err(|e| errno("setattr", e))?;
+            }
+            Ok(())
+        })();
+        let released = self.core.do_release(s, fh);
+        result?;
+        released.map_err(|e| errno("close", e))?;
+        let after = local_of(abs, self.caps.inos).ok();
+        let stable =
+            after.is_some_and(|a| a.size == l.size && a.mtime == l.mtime && a.ino == l.ino);
+        if !stable {
+            tracing::debug!("watch: {} changed while read; again later", abs.display());
+            self.retry.store(true, Ordering::Relaxed);
+        }
+        Ok(stable)
+    }
+
+    /// Saves the local file beside the store's object as a conflicted copy (a new object).
+    fn import_conflicted_copy(&self, inode: &Inode, abs: &Path, l: &Local) -> anyhow::Result<bool> {
+        let store = self.core.store();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let base = crate::changelog::Name(inode.name.clone());
+        let mut attempt = 0;
+        let name = loop {
+            let n = crate::engine::conflicted_copy_name(
+                &base,
+                self.core.capture().device(),
+                now_ms,
+                attempt,
+            );
+            if store.lookup(inode.parent, &n.0)?.is_none() {
+                break n.0;
+            }
+            attempt += 1;
+        };
+        let i = self
+            .core
+            .make_node(
+                &Self::caller(l),
+                inode.parent,
+                OsStr::from_bytes(&name),
+                FileKind::File,
+                if self.caps.modes {
+                    l.mode
+                } else {
+                    u32::from(inode.perm)
+                },
+                0,
+                0,
+                &[],
+            )
+            .map_err(|e| errno("create", e))?;
+        let ok = self.import_content(i.ino, abs, l)?;
+        tracing::warn!(
+            "watch: {} changed here and remotely; this device's version is kept as {:?}",
+            abs.display(),
+            String::from_utf8_lossy(&name)
+        );
+        Ok(ok)
+    }
+
+    // ----- store → folder -----
+
+    fn export(&self, st: &mut State) -> anyhow::Result<()> {
+        // 1. Objects gone from the store: remove them here unless changed here since.
+        let mut gone: Vec<(PathBuf, u64)> = Vec::new();
+        for s in st.recs.keys().copied().collect::<Vec<_>>() {
+            if self.live_inode(s)?.is_none() {
+                match st.path(s) {
+                    Some(p) => gone.push((p, s)),
+                    None => st.remove(s),
+                }
+            }
+        }
+        gone.sort_by_key(|(p, _)| std::cmp::Reverse((depth(p), p.clone())));
+        for (rel, s) in &gone {
+            let rec = st.recs[s].clone();
+            let abs = self.root.join(rel);
+            match local_of(&abs, self.caps.inos) {
+                Ok(l) if l.ino == rec.l_ino && !rec.local_changed(&l) => {
+                    let r = if l.kind == FileKind::Directory {
+                        std::fs::remove_dir(&abs)
+                    } else {
+                        std::fs::remove_file(&abs)
+                    };
+                    match r {
+                        Ok(()) => tracing::debug!("watch: {} deleted remotely", rel.display()),
+                        Err(e) => {
+                            // A folder still holding local files: they are imported next.
+                            tracing::debug!("watch: keeping {}: {e}", rel.display());
+                            self.retry.store(true, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                    st.remove(*s);
+                }
+                Ok(l) if l.ino == rec.l_ino => {
+                    // Edited here: the import brings it back as a new object.
+                    self.retry.store(true, Ordering::Relaxed);
+                }
+                _ => st.remove(*s),
+            }
+        }
+        // 2. The store's tree, top down.
+        self.export_dir(st, ROOT_INO, PathBuf::new())
+    }
+
+    fn export_dir(&self, st: &mut State, dir: u64, rel: PathBuf) -> anyhow::Result<()> {
+        let store = self.core.store();
+        let rules = self.caps.names;
+        let abs_dir = self.root.join(&rel);
+        let mut taken: HashSet<Vec<u8>> = HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(&abs_dir) {
+            for e in rd.flatten() {
+                taken.insert(names::fold(e.file_name().as_bytes(), rules));
+            }
+        }
+        let children = store.list_dir(dir)?;
+        // Objects that stay where they are keep their local names first.
+        let mut placed: HashMap<u64, Vec<u8>> = HashMap::new();
+        for c in &children {
+            if let Some(r) = st.recs.get(&c.ino) {
+                if r.parent == dir && r.name == c.name {
+                    placed.insert(c.ino, r.local.clone());
+                    taken.insert(names::fold(&r.local, rules));
+                }
+            }
+        }
+        for c in &children {
+            let Some(inode) = self.live_inode(c.ino)? else {
+                continue;
+            };
+            if inode.kind == FileKind::Symlink && !self.caps.symlinks {
+                continue;
+            }
+            if !matches!(
+                inode.kind,
+                FileKind::File | FileKind::Directory | FileKind::Symlink
+            ) {
+                continue;
+            }
+            let local_name = match placed.get(&c.ino) {
+                Some(n) => n.clone(),
+                None => {
+                    // A rename within this folder frees the object's own old name.
+                    if let Some(r) = st.recs.get(&c.ino).filter(|r| r.parent == dir) {
+                        let own = names::fold(&r.local, rules);
+                        if !placed.values().any(|p| names::fold(p, rules) == own) {
+                            taken.remove(&own);
+                        }
+                    }
+                    let n = names::adapt(&c.name, rules, &|k| taken.contains(k));
+                    taken.insert(names::fold(&n, rules));
+                    // Moved or renamed in the store: move the local entry along.
+                    if let Some(r) = st.recs.get(&c.ino).cloned() {
+                        let old = st.path(c.ino).map(|p| self.root.join(p));
+                        let moved = old.as_ref().is_some_and(|o| {
+                            local_of(o, self.caps.inos).is_ok_and(|l| l.ino == r.l_ino)
+                                && std::fs::rename(o, abs_dir.join(OsStr::from_bytes(&n))).is_ok()
+                        });
+                        let mut r = r;
+                        if moved {
+                            // Without stable inode numbers the identity is the path.
+                            if let Ok(l) =
+                                local_of(&abs_dir.join(OsStr::from_bytes(&n)), self.caps.inos)
+                            {
+                                r.l_ino = l.ino;
+                            }
+                        }
+                        r.parent = dir;
+                        r.name = c.name.clone();
+                        r.local = n.clone();
+                        if !moved {
+                            // Not where it was: written afresh below.
+                            r.stamp = stale_stamp();
+                        }
+                        st.put(c.ino, r);
+                    }
+                    if n != c.name {
+                        tracing::info!(
+                            "watch: {:?} is kept here as {:?} (the file system cannot hold the name)",
+                            String::from_utf8_lossy(&c.name),
+                            String::from_utf8_lossy(&n)
+                        );
+                    }
+                    n
+                }
+            };
+            let child_rel = rel.join(OsStr::from_bytes(&local_name));
+            if let Err(e) = self.export_one(st, dir, &c.name, &local_name, &inode, &child_rel) {
+                tracing::warn!("watch: cannot write {}: {e:#}", child_rel.display());
+                self.retry.store(true, Ordering::Relaxed);
+                continue;
+            }
+            if inode.kind == FileKind::Directory {
+                self.export_dir(st, c.ino, child_rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the local entry at `rel` match store object `inode` when the store changed it
+    /// (or it is new, or missing here).
+    fn export_one(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &[u8],
+        local_name: &[u8],
+        inode: &Inode,
+        rel: &Path,
+    ) -> anyhow::Result<()> {
+        let abs = self.root.join(rel);
+        let rec = st.recs.get(&inode.ino).cloned();
+        let here = local_of(&abs, self.caps.inos).ok();
+        let needs = match (&rec, &here) {
+            (_, None) => true,
+            (Some(r), Some(l)) if l.ino == r.l_ino => {
+                if r.local_changed(l) {
+                    // Edited here after this pass's import: the next pass imports it first.
+                    self.retry.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+                r.store_changed(inode)
+            }
+            (None, Some(l))
+                if inode.kind == FileKind::Directory && l.kind == FileKind::Directory =>
+            {
+                true
+            }
+            (_, Some(_)) => {
+                // Something else took the name here meanwhile: never overwrite it; the next
+                // pass imports it.
+                self.retry.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        if !needs {
+            return Ok(());
+        }
+        let l = match inode.kind {
+            FileKind::Directory => {
+                if here.as_ref().is_none_or(|l| l.kind != FileKind::Directory) {
+                    std::fs::create_dir(&abs)
+                        .with_context(|| format!("creating {}", abs.display()))?;
+                }
+                if self.caps.modes {
+                    let _ = std::fs::set_permissions(
+                        &abs,
+                        std::fs::Permissions::from_mode(u32::from(inode.perm)),
+                    );
+                }
+                local_of(&abs, self.caps.inos)?
+            }
+            FileKind::Symlink => {
+                let tmp = temp_path(&abs);
+                std::os::unix::fs::symlink(OsStr::from_bytes(&inode.symlink), &tmp)?;
+                std::fs::rename(&tmp, &abs)?;
+                local_of(&abs, self.caps.inos)?
+            }
+            _ => self.write_file(inode, &abs)?,
+        };
+        tracing::debug!("watch: {} written from the store", rel.display());
+        let mut r = self.new_rec(parent, name, local_name, &l, inode);
+        r.stamp = stamp(inode);
+        st.put(inode.ino, r);
+        Ok(())
+    }
+
+    /// Writes the store's content of `inode` over `abs` atomically: a temp file in the same
+    /// folder, fsync, mode and mtime, rename over.
+    fn write_file(&self, inode: &Inode, abs: &Path) -> anyhow::Result<Local> {
+        let tmp = temp_path(abs);
+        let r = (|| -> anyhow::Result<()> {
+            let mut out =
+                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut copied = 0;
+            match File::open(self.core.store().content_path(inode.ino)) {
+                Ok(src) => {
+                    let mut src = src.take(inode.size);
+                    copied = std::io::copy(&mut src, &mut out)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            if copied < inode.size {
+                // A sparse tail (not every file system can truncate: only when needed).
+                out.set_len(inode.size)
+                    .with_context(|| format!("sizing {}", tmp.display()))?;
+            }
+            if self.caps.modes {
+                out.set_permissions(std::fs::Permissions::from_mode(u32::from(inode.perm)))?;
+            }
+            // Some file systems keep no such times (or refuse to set them): the record
+            // holds what the file really has.
+            if let Err(e) = out.set_modified(system_time(ns(inode.mtime))) {
+                tracing::debug!("watch: cannot set the mtime of {}: {e}", abs.display());
+            }
+            out.sync_all()
+                .with_context(|| format!("fsync of {}", tmp.display()))?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, abs).with_context(|| format!("renaming over {}", abs.display()))?;
+        Ok(local_of(abs, self.caps.inos)?)
+    }
+}
+
+fn temp_path(abs: &Path) -> PathBuf {
+    let dir = abs.parent().unwrap_or(Path::new("/"));
+    dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()))
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
