@@ -131,11 +131,15 @@ fn a_new_device_lists_a_1_gib_file_at_once_and_a_far_read_fetches_little() {
     write_patterned(&t.a.path("big.bin"), 1 << 30);
     t.uploaded(&t.a);
 
+    // The writer sealed the file as several transactions: the reader has the final version
+    // once it has applied as far as the writer's cursor.
+    let head = status(&t.a.home)["cursor"].as_u64().unwrap_or(0);
     let started = Instant::now();
     t.b.mount();
     let big = t.b.path("big.bin");
     t.wait("the 1 GiB file listed on the on-demand device", || {
         fs::metadata(&big).is_ok_and(|m| m.len() == 1 << 30)
+            && status(&t.b.home)["cursor"].as_u64().unwrap_or(0) >= head
     });
     eprintln!("listed after {:?}", started.elapsed());
     let md = fs::metadata(&big).unwrap();

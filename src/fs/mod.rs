@@ -4,7 +4,8 @@
 //! mapping of every failure to an errno (in [`errors`], one place).
 //!
 //! What always holds:
-//! - It never waits on the network: every request is served from the local store.
+//! - It never waits on the network: every request is served from the local store, except
+//!   reads of online-only content on an on-demand mount ([`ondemand`], decision 0012).
 //! - Namespace and attribute changes run under one metadata lock and commit as one store
 //!   batch, so each request's effect is all-or-nothing, also across a crash.
 //! - File data goes straight to the object's content file with `pread`/`pwrite`, outside
