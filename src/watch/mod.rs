@@ -30,6 +30,12 @@ use reconcile::{Caps, Reconciler, TMP_PREFIX};
 const SEAL_TICK: Duration = Duration::from_millis(50);
 /// A pass that left something for later runs again after this long at the latest.
 const RETRY: Duration = Duration::from_millis(500);
+/// On FAT-like folders ([`Caps::hash`]) a pass runs at least this often, events or not.
+/// The watcher's events are the main trigger there too (inotify on a FUSE mount reports
+/// what goes through this kernel), but such a folder may be a FUSE driver's view of an
+/// image changed behind the kernel's back, and no mtime tells a later scan what changed
+/// then: the periodic pass (hashing the folder's files) is the fallback.
+const FAT_RESCAN: Duration = Duration::from_secs(5);
 
 enum Msg {
     /// Something changed in the folder.
@@ -156,12 +162,16 @@ pub fn probe(dir: &Path) -> Caps {
         fold_case: fat || folds,
     };
     // A file system that refuses FAT's forbidden characters is FAT-like (vfat through
-    // FUSE, for one): it holds no modes either.
+    // FUSE, for one): it holds no modes either, its inode numbers are not the files' own
+    // (fusefat numbers its nodes as they are looked up) and its mtimes do not reliably move
+    // on write (fusefat keeps none; vfat counts in 2 s steps).
+    let fat_like = names.restricted;
     Caps {
         names,
-        modes: !names.restricted,
-        symlinks: symlinks && !names.restricted,
-        inos,
+        modes: !fat_like,
+        symlinks: symlinks && !fat_like,
+        inos: inos && !fat_like,
+        hash: fat_like,
     }
 }
 
@@ -195,9 +205,12 @@ pub fn run(
     let mut watcher = {
         let tx = tx.clone();
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            // Reads (ours included: a pass reads the folder) change nothing.
+            // Reads (ours included: a pass reads the folder) change nothing; closing a file
+            // written to does (it may be all a FUSE file system reports of a write).
             let ours = res.as_ref().is_ok_and(|ev| {
-                matches!(ev.kind, notify::EventKind::Access(_)) && !ev.need_rescan()
+                matches!(ev.kind, notify::EventKind::Access(a)
+                    if a != notify::event::AccessKind::Close(notify::event::AccessMode::Write))
+                    && !ev.need_rescan()
             }) || res.as_ref().is_ok_and(|ev| {
                 !ev.need_rescan()
                     && !ev.paths.is_empty()
@@ -283,6 +296,8 @@ pub fn run(
     while stop.is_none() {
         let timeout = if rec.take_retry() {
             RETRY
+        } else if caps.hash {
+            FAT_RESCAN
         } else {
             Duration::from_secs(3600)
         };

@@ -5,7 +5,9 @@
 //! One pass ([`Reconciler::reconcile`]) does both directions:
 //! 1. import: what changed in the folder since its record (new, edited, renamed — found by
 //!    the local inode number —, deleted) goes into the store through [`FsCore`]'s own
-//!    operations, so the capture layer turns it into ordinary change-log transactions;
+//!    operations, so the capture layer turns it into ordinary change-log transactions. On
+//!    FAT-like folders ([`Caps`]) the identity is the recorded path instead and an edit is
+//!    found by a content hash as well, since inode numbers and mtimes mean little there;
 //! 2. export: what changed in the store since its record (remote applies) is written into
 //!    the folder: new content through a temp file in the same folder, fsync, rename over.
 //!
@@ -52,10 +54,14 @@ pub struct Caps {
     /// chmod sticks (not on vfat).
     pub modes: bool,
     pub symlinks: bool,
-    /// Distinct files have distinct inode numbers (not on fusefat, which shows one number
-    /// for all): otherwise an entry's identity is its path, and a rename is seen as a
-    /// delete and a create.
+    /// Local inode numbers identify files (not on FAT-like folders: fusefat hands out
+    /// numbers that are not tied to the file and may be reused): otherwise an entry's
+    /// identity is its recorded local path, and a rename is seen as a delete and a create.
     pub inos: bool,
+    /// Size and mtime cannot be trusted to change with the content (FAT-like folders:
+    /// fusefat keeps no mtime on write, vfat's mtime has 2 s steps): a content hash
+    /// (BLAKE3) is kept in the record and compared when the cheap signals are equal.
+    pub hash: bool,
 }
 
 /// The store's side of a record: enough to tell that the store changed the object.
@@ -82,6 +88,9 @@ struct Rec {
     l_mtime: i64,
     l_mode: u32,
     l_target: Vec<u8>,
+    /// BLAKE3 of the local content as last agreed (files, with [`Caps::hash`] only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    l_hash: Vec<u8>,
     stamp: Stamp,
 }
 
@@ -133,9 +142,12 @@ struct Local {
     uid: u32,
     gid: u32,
     target: Vec<u8>,
+    /// BLAKE3 of the content, when asked for (files only).
+    hash: Option<[u8; 32]>,
 }
 
-fn local_of(path: &Path, inos: bool) -> std::io::Result<Local> {
+/// What `lstat` shows of `path`; with `hash`, a file's content is hashed too.
+fn local_of(path: &Path, inos: bool, hash: bool) -> std::io::Result<Local> {
     let md = std::fs::symlink_metadata(path)?;
     let ino = if inos {
         md.ino()
@@ -159,6 +171,13 @@ fn local_of(path: &Path, inos: bool) -> std::io::Result<Local> {
     } else {
         Vec::new()
     };
+    let hash = if hash && kind == FileKind::File {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(File::open(path)?)?;
+        Some(*h.finalize().as_bytes())
+    } else {
+        None
+    };
     Ok(Local {
         ino,
         kind,
@@ -168,6 +187,7 @@ fn local_of(path: &Path, inos: bool) -> std::io::Result<Local> {
         uid: md.uid(),
         gid: md.gid(),
         target,
+        hash,
     })
 }
 
@@ -177,7 +197,12 @@ impl Rec {
             return true;
         }
         match l.kind {
-            FileKind::File => l.size != self.l_size || l.mtime != self.l_mtime,
+            FileKind::File => {
+                l.size != self.l_size
+                    || l.mtime != self.l_mtime
+                    || l.hash
+                        .is_some_and(|h| !self.l_hash.is_empty() && self.l_hash != h)
+            }
             FileKind::Symlink => l.target != self.l_target,
             _ => false,
         }
@@ -194,6 +219,7 @@ impl Rec {
         self.l_mtime = l.mtime;
         self.l_mode = l.mode;
         self.l_target = l.target.clone();
+        self.l_hash = l.hash.map(|h| h.to_vec()).unwrap_or_default();
     }
 }
 
@@ -207,7 +233,7 @@ struct Scan {
     by_ino: HashMap<u64, PathBuf>,
 }
 
-fn scan(root: &Path, inos: bool) -> Scan {
+fn scan(root: &Path, inos: bool, hash: bool) -> Scan {
     let mut s = Scan {
         by_path: HashMap::new(),
         by_ino: HashMap::new(),
@@ -223,7 +249,7 @@ fn scan(root: &Path, inos: bool) -> Scan {
                 continue;
             }
             let r = rel.join(&name);
-            let Ok(l) = local_of(&root.join(&r), inos) else {
+            let Ok(l) = local_of(&root.join(&r), inos, hash) else {
                 continue;
             };
             if l.kind == FileKind::Directory {
@@ -405,7 +431,7 @@ impl Reconciler {
     // ----- folder → store -----
 
     fn import(&self, st: &mut State) -> anyhow::Result<()> {
-        let scan = scan(&self.root, self.caps.inos);
+        let scan = scan(&self.root, self.caps.inos, self.caps.hash);
         let mut by_lino: HashMap<u64, u64> = st.recs.iter().map(|(s, r)| (r.l_ino, *s)).collect();
 
         // 1. New local folders, parents first.
@@ -550,7 +576,9 @@ impl Reconciler {
                     }
                 }
                 FileKind::File => {
-                    if self.import_content(s, &abs, &l)? {
+                    // Where mtimes do not move on write, one that did not move says nothing.
+                    let keep_mtime = !self.caps.hash || l.mtime != rec.l_mtime;
+                    if self.import_content(s, &abs, &l, keep_mtime)? {
                         let i = self
                             .live_inode(s)?
                             .ok_or_else(|| anyhow!("inode vanished"))?;
@@ -700,7 +728,7 @@ impl Reconciler {
             }
         };
         let abs = self.root.join(rel);
-        if l.kind == FileKind::File && !self.import_content(s, &abs, l)? {
+        if l.kind == FileKind::File && !self.import_content(s, &abs, l, true)? {
             // Changing while read: the next pass finishes it. Record it anyway, with a
             // local state that differs, so the next pass sees an edit.
             let i = self
@@ -743,6 +771,7 @@ impl Reconciler {
             l_mtime: 0,
             l_mode: 0,
             l_target: Vec::new(),
+            l_hash: Vec::new(),
             stamp: stamp(i),
         };
         r.set_local(l);
@@ -751,8 +780,16 @@ impl Reconciler {
 
     /// Brings the store's content, size, mtime (and mode) of inode `s` to the local file's,
     /// writing only the blocks that differ. Returns false when the file changed while it was
-    /// read (the next pass tries again).
-    fn import_content(&self, s: u64, abs: &Path, l: &Local) -> anyhow::Result<bool> {
+    /// read (the next pass tries again). `keep_mtime`: the local mtime says when the content
+    /// was written (false for an edit on a folder whose mtimes do not move on write: the
+    /// store then keeps the time of this write).
+    fn import_content(
+        &self,
+        s: u64,
+        abs: &Path,
+        l: &Local,
+        keep_mtime: bool,
+    ) -> anyhow::Result<bool> {
         let mut f = match File::open(abs) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -770,6 +807,9 @@ impl Reconciler {
             .core
             .do_open(s, OpenFlags(libc::O_RDWR))
             .map_err(|e| errno("open", e))?;
+        // What was read is hashed when the scan hashed the file: a change between the scan
+        // and this read shows even where size and mtime do not move.
+        let mut hasher = l.hash.map(|_| blake3::Hasher::new());
         let result = (|| -> anyhow::Result<()> {
             let mut mine = vec![0u8; BLOCK];
             let mut other = vec![0u8; BLOCK];
@@ -778,6 +818,9 @@ impl Reconciler {
                 let n = read_full(&mut f, &mut mine)?;
                 if n == 0 {
                     break;
+                }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&mine[..n]);
                 }
                 let m = if off < inode.size {
                     let want = (inode.size - off).min(n as u64) as usize;
@@ -798,8 +841,8 @@ impl Reconciler {
             let now = store
                 .get_inode(s)?
                 .ok_or_else(|| anyhow!("inode vanished"))?;
-            let mtime =
-                (ns(now.mtime) != l.mtime).then(|| TimeOrNow::SpecificTime(system_time(l.mtime)));
+            let mtime = (keep_mtime && ns(now.mtime) != l.mtime)
+                .then(|| TimeOrNow::SpecificTime(system_time(l.mtime)));
             if size.is_some() || mode.is_some() || mtime.is_some() {
                 self.core
                     .do_setattr(&caller, s, mode, None, None, size, None, mtime, None)
@@ -810,9 +853,13 @@ impl Reconciler {
         let released = self.core.do_release(s, fh);
         result?;
         released.map_err(|e| errno("close", e))?;
-        let after = local_of(abs, self.caps.inos).ok();
-        let stable =
-            after.is_some_and(|a| a.size == l.size && a.mtime == l.mtime && a.ino == l.ino);
+        let after = local_of(abs, self.caps.inos, false).ok();
+        let read_as_scanned = match (hasher, l.hash) {
+            (Some(h), Some(want)) => *h.finalize().as_bytes() == want,
+            _ => true,
+        };
+        let stable = read_as_scanned
+            && after.is_some_and(|a| a.size == l.size && a.mtime == l.mtime && a.ino == l.ino);
         if !stable {
             tracing::debug!("watch: {} changed while read; again later", abs.display());
             self.retry.store(true, Ordering::Relaxed);
@@ -858,7 +905,7 @@ impl Reconciler {
                 &[],
             )
             .map_err(|e| errno("create", e))?;
-        let ok = self.import_content(i.ino, abs, l)?;
+        let ok = self.import_content(i.ino, abs, l, true)?;
         tracing::warn!(
             "watch: {} changed here and remotely; this device's version is kept as {:?}",
             abs.display(),
@@ -884,7 +931,7 @@ impl Reconciler {
         for (rel, s) in &gone {
             let rec = st.recs[s].clone();
             let abs = self.root.join(rel);
-            match local_of(&abs, self.caps.inos) {
+            match local_of(&abs, self.caps.inos, self.caps.hash) {
                 Ok(l) if l.ino == rec.l_ino && !rec.local_changed(&l) => {
                     let r = if l.kind == FileKind::Directory {
                         std::fs::remove_dir(&abs)
@@ -963,15 +1010,17 @@ impl Reconciler {
                     if let Some(r) = st.recs.get(&c.ino).cloned() {
                         let old = st.path(c.ino).map(|p| self.root.join(p));
                         let moved = old.as_ref().is_some_and(|o| {
-                            local_of(o, self.caps.inos).is_ok_and(|l| l.ino == r.l_ino)
+                            local_of(o, self.caps.inos, false).is_ok_and(|l| l.ino == r.l_ino)
                                 && std::fs::rename(o, abs_dir.join(OsStr::from_bytes(&n))).is_ok()
                         });
                         let mut r = r;
                         if moved {
                             // Without stable inode numbers the identity is the path.
-                            if let Ok(l) =
-                                local_of(&abs_dir.join(OsStr::from_bytes(&n)), self.caps.inos)
-                            {
+                            if let Ok(l) = local_of(
+                                &abs_dir.join(OsStr::from_bytes(&n)),
+                                self.caps.inos,
+                                false,
+                            ) {
                                 r.l_ino = l.ino;
                             }
                         }
@@ -1020,16 +1069,29 @@ impl Reconciler {
     ) -> anyhow::Result<()> {
         let abs = self.root.join(rel);
         let rec = st.recs.get(&inode.ino).cloned();
-        let here = local_of(&abs, self.caps.inos).ok();
+        let here = local_of(&abs, self.caps.inos, false).ok();
         let needs = match (&rec, &here) {
             (_, None) => true,
             (Some(r), Some(l)) if l.ino == r.l_ino => {
-                if r.local_changed(l) {
+                let store_changed = r.store_changed(inode);
+                // About to be overwritten: where only the content tells an edit, hash it.
+                let hashed = if store_changed && self.caps.hash && l.kind == FileKind::File {
+                    match local_of(&abs, self.caps.inos, true) {
+                        Ok(h) => Some(h),
+                        Err(_) => {
+                            self.retry.store(true, Ordering::Relaxed);
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    None
+                };
+                if r.local_changed(hashed.as_ref().unwrap_or(l)) {
                     // Edited here after this pass's import: the next pass imports it first.
                     self.retry.store(true, Ordering::Relaxed);
                     return Ok(());
                 }
-                r.store_changed(inode)
+                store_changed
             }
             (None, Some(l))
                 if inode.kind == FileKind::Directory && l.kind == FileKind::Directory =>
@@ -1058,13 +1120,13 @@ impl Reconciler {
                         std::fs::Permissions::from_mode(u32::from(inode.perm)),
                     );
                 }
-                local_of(&abs, self.caps.inos)?
+                local_of(&abs, self.caps.inos, false)?
             }
             FileKind::Symlink => {
                 let tmp = temp_path(&abs);
                 std::os::unix::fs::symlink(OsStr::from_bytes(&inode.symlink), &tmp)?;
                 std::fs::rename(&tmp, &abs)?;
-                local_of(&abs, self.caps.inos)?
+                local_of(&abs, self.caps.inos, false)?
             }
             _ => self.write_file(inode, &abs)?,
         };
@@ -1114,7 +1176,7 @@ impl Reconciler {
             return Err(e);
         }
         std::fs::rename(&tmp, abs).with_context(|| format!("renaming over {}", abs.display()))?;
-        Ok(local_of(abs, self.caps.inos)?)
+        Ok(local_of(abs, self.caps.inos, self.caps.hash)?)
     }
 }
 
