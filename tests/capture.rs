@@ -333,3 +333,30 @@ fn big_and_sparse_files_travel_as_their_data_and_replay_exactly() {
     settle(&mut m);
     assert_replay_matches(&m);
 }
+
+#[test]
+fn a_big_rewrite_with_new_bytes_goes_in_chunks_not_one_oversized_op() {
+    // Found by the benchmark: a 1 GiB file rewritten with bytes the rsync delta could not
+    // match made one op larger than a change log may carry, and its seal failed for ever.
+    let mut m = Mounted::new();
+    let p = m.path("video.bin");
+    fs::write(&p, data(160 << 20, 11)).unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+    // An editor's save: a new file renamed over the old one, every byte different.
+    let tmp = m.path(".video.bin.tmp");
+    fs::write(&tmp, data(160 << 20, 12)).unwrap();
+    fs::rename(&tmp, &p).unwrap();
+    settle(&mut m);
+    let txs = assert_replay_matches(&m);
+    assert!(txs.len() > before, "the rewrite was sealed");
+    for op in txs[before..].iter().flat_map(|t| &t.ops) {
+        if let OpKind::Write { delta, .. } = &op.kind {
+            let len: usize = match delta {
+                Delta::Whole(b) | Delta::Rsync(b) => b.len(),
+                Delta::Ranges { ranges, .. } => ranges.iter().map(|(_, b)| b.len()).sum(),
+            };
+            assert!(len <= 32 << 20, "one op carries {len} bytes");
+        }
+    }
+}

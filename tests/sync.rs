@@ -467,6 +467,23 @@ fn offline_edits_on_both_sides_converge_without_losing_a_version() {
         })
         .sum();
     assert_eq!(conflicts, 1);
+    // The copy reads `conflict` where it was made (a record, not its name), `synced` on the
+    // device that received it; renaming it settles it.
+    let maker = (0..2)
+        .find(|d| {
+            status_json(&c.devices[*d].home)["conflicts"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .unwrap();
+    let st = |d: usize, rel: &str| xattr_get(&c.p(d, rel), "user.deltadrive.status");
+    assert_eq!(st(maker, &copies[0]).as_deref(), Some(&b"conflict"[..]));
+    assert_eq!(st(1 - maker, &copies[0]).as_deref(), Some(&b"synced"[..]));
+    fs::rename(c.p(maker, &copies[0]), c.p(maker, "report-theirs.txt")).unwrap();
+    assert_ne!(
+        st(maker, "report-theirs.txt").as_deref(),
+        Some(&b"conflict"[..])
+    );
     // ...and the desktop was told (org.freedesktop.Notifications.Notify through gdbus).
     let said = fs::read_to_string(c.pw.path().join("notifications")).unwrap_or_default();
     assert!(

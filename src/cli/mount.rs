@@ -339,8 +339,8 @@ struct StatusReport {
     /// The last server sequence applied on this device.
     cursor: u64,
     last_error: Option<String>,
-    /// Local and online-only files (files on demand).
-    content: crate::fs::ondemand::ContentCounts,
+    /// Local and online-only files (files on demand; null on other mounts).
+    content: Option<crate::fs::ondemand::ContentCounts>,
     /// Bytes of online-only content fetched since the mount started.
     fetched_bytes: u64,
 }
@@ -388,7 +388,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 anyhow::anyhow!("reading the local store in {}: {e}", home.root().display())
             })?
     } else {
-        ((0, 0), 0, Default::default())
+        ((0, 0), 0, None)
     };
     let sync_report = crate::sync::SyncReport::load(&home);
     let seen_file = home.root().join("conflicts-seen");
@@ -466,13 +466,12 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         "last sync:       {}",
         report.last_sync.as_deref().unwrap_or("never")
     );
-    let c = &report.content;
-    println!(
-        "local files:     {} ({})",
-        c.local_files,
-        crate::cli::human_bytes(c.local_bytes)
-    );
-    if c.online_only_files > 0 {
+    if let Some(c) = &report.content {
+        println!(
+            "local files:     {} ({})",
+            c.local_files,
+            crate::cli::human_bytes(c.local_bytes)
+        );
         println!(
             "online-only:     {} ({} not on this device)",
             c.online_only_files,

@@ -477,6 +477,9 @@ impl FsCore {
                     self.fresh_inode(ino, c.target.id, FileKind::File, parent_ino, now)
                 }
             };
+            if c.target.id != c.source {
+                i.flags |= crate::store::absent::INODE_CONFLICT;
+            }
             i.perm = (c.target.mode & 0o7777) as u16;
             i.mtime = timespec(c.target.mtime_ns);
             i.ctime = now;

@@ -893,6 +893,13 @@ impl Sealer<'_> {
             }
             _ => Delta::Whole(content.clone()),
         };
+        if delta_len(&delta) as u64 > MAX_WHOLE {
+            // The rsync delta found little to reuse (a big file rewritten with new bytes):
+            // one op would carry more than a change log takes. Send it in chunks instead.
+            drop(delta);
+            drop(content);
+            return self.write_chunked(object, inode, &file, st, tx, b);
+        }
         let delta_size = delta_len(&delta);
         // A new file's first content has no base: that is no choice worth remembering.
         let chosen = if base_hash == empty_hash() {

@@ -494,6 +494,8 @@ impl FsCore {
             src.parent = newparent;
             src.name = newname.to_vec();
         }
+        // Renaming a conflicted copy settles it.
+        src.flags &= !crate::store::absent::INODE_CONFLICT;
         src.ctime = now;
         b.put_inode(&src);
         self.capture.touch(&mut b, &src, false);
@@ -632,7 +634,19 @@ impl FsCore {
         if file.metadata()?.len() > i.size {
             file.set_len(i.size)?;
         }
-        Ok(self.open_handle(ino, file, absent))
+        let fh = self.open_handle(ino, file, absent);
+        if !absent && self.options.on_demand.is_some() {
+            // Eviction checks for open handles under the metadata lock: once this handle is
+            // counted it is safe, but an eviction may have finished between the read of the
+            // inode above and that count. Look again under the lock.
+            let _g = self.lock();
+            if self.inode(ino)?.flags & crate::store::absent::INODE_ABSENT != 0 {
+                if let Some(h) = self.files.lock().get_mut(&fh) {
+                    h.absent = true;
+                }
+            }
+        }
+        Ok(fh)
     }
 
     pub(crate) fn do_write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -889,6 +903,8 @@ impl FsCore {
             crtime: now,
             parent,
             name: name.clone(),
+            flags: (orig.flags & !crate::store::absent::INODE_ABSENT)
+                | crate::store::absent::INODE_CONFLICT,
             ..orig.clone()
         };
         let mut p = self.dir_inode(parent)?;

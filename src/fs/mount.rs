@@ -161,6 +161,7 @@ pub fn run(
     let mountpoint = mountpoint.canonicalize()?;
     home.create()?;
     let store = open_store(home)?;
+    store.set_on_demand_mode(options.on_demand.is_some())?;
     let device = device_name(home);
     let capture = Capture::load(&store, device.clone(), options.quiet_period)?;
     let core = Arc::new(FsCore::new(Arc::clone(&store), options, capture));

@@ -83,11 +83,15 @@ pub struct ContentCounts {
     pub online_only_bytes: u64,
 }
 
-/// Counts local and online-only files of a store.
+/// Counts local and online-only files of a store: `None` unless it is mounted on demand or
+/// has online-only files (the count reads every inode).
 ///
 /// # Errors
 /// The store cannot be read.
-pub fn content_counts(store: &crate::store::Store) -> crate::store::Result<ContentCounts> {
+pub fn content_counts(store: &crate::store::Store) -> crate::store::Result<Option<ContentCounts>> {
+    if !store.on_demand_mode()? && !store.has_absent()? {
+        return Ok(None);
+    }
     let absent: HashMap<u64, AbsentContent> = store.absent_all()?.into_iter().collect();
     let mut c = ContentCounts::default();
     store.for_each_inode(|i| {
@@ -105,7 +109,7 @@ pub fn content_counts(store: &crate::store::Store) -> crate::store::Result<Conte
         }
         true
     })?;
-    Ok(c)
+    Ok(Some(c))
 }
 
 /// The on-demand state of a mount.
@@ -376,13 +380,20 @@ impl FsCore {
             let used = self.ondemand.last_used.lock();
             self.store.for_each_inode(|i| {
                 if i.kind == FileKind::File && i.nlink > 0 {
+                    let t = used
+                        .get(&i.ino)
+                        .copied()
+                        .unwrap_or((i.atime.as_nanos().max(i.mtime.as_nanos()) / 1_000_000) as u64);
                     match absent.get(&i.ino) {
-                        Some(present) => total += present,
+                        // Pieces of a partly read online-only file count and can go too.
+                        Some(present) => {
+                            total += present;
+                            if *present > 0 {
+                                local.push((t, i.ino, *present));
+                            }
+                        }
                         None => {
                             total += i.size;
-                            let t = used.get(&i.ino).copied().unwrap_or(
-                                (i.atime.as_nanos().max(i.mtime.as_nanos()) / 1_000_000) as u64,
-                            );
                             local.push((t, i.ino, i.size));
                         }
                     }
@@ -420,12 +431,33 @@ impl FsCore {
         Ok(freed)
     }
 
-    /// Makes one local file online-only if it may be: not open, not pinned, synced.
+    /// Makes one local file online-only if it may be (not open, not pinned, synced), or drops
+    /// the fetched pieces of a partly read online-only file that is not open.
     fn evict_one(&self, ino: u64) -> FsResult<bool> {
         let _g = self.lock();
         let Some(mut i) = self.store.get_inode(ino)? else {
             return Ok(false);
         };
+        if i.kind == FileKind::File && i.nlink > 0 && !self.is_open(ino) && !self.is_pinned(&i)? {
+            if let Some(mut rec) = self.store.absent(ino)? {
+                // A partly read online-only file: drop its pieces, unless they are being
+                // fetched right now (an open for writing makes a file whole before its
+                // handle counts as open).
+                let lock = self.fetch_lock(ino);
+                let Some(_fetching) = lock.try_lock() else {
+                    return Ok(false);
+                };
+                rec.present.iter_mut().for_each(|b| *b = 0);
+                let mut b = self.store.batch();
+                b.put_absent(ino, &rec);
+                self.store.commit(b, true)?;
+                let file = self.store.open_content(ino, true)?;
+                file.set_len(0)?;
+                file.set_len(i.size)?;
+                self.ondemand.last_used.lock().remove(&ino);
+                return Ok(true);
+            }
+        }
         if i.kind != FileKind::File
             || i.nlink == 0
             || i.flags & INODE_ABSENT != 0

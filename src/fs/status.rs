@@ -11,7 +11,7 @@
 //!
 //! The values: `ignored` (the path stays on this device), `pending` (unsealed changes, an
 //! outbox entry the server has not acknowledged, or not announced yet), `conflict` (a
-//! conflicted copy, by its name), `online-only` (synced, content not on this device: files on
+//! conflicted copy this device made, from the inode's record; renaming it settles it), `online-only` (synced, content not on this device: files on
 //! demand), `synced` otherwise. The root folder speaks for the whole
 //! device: `pending` while anything at all waits, else `synced`.
 
@@ -23,8 +23,6 @@ use crate::store::{FileKind, ROOT_INO};
 
 /// The attribute's name.
 pub const STATUS_XATTR: &[u8] = b"user.deltadrive.status";
-/// What the name of a conflicted copy holds (`NAME (conflicted copy DEVICE DATE TIME).EXT`).
-const CONFLICT_MARK: &[u8] = b" (conflicted copy ";
 
 /// One object's sync status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,10 +76,7 @@ impl FsCore {
         {
             return Ok(SyncStatus::Pending);
         }
-        if i.name
-            .windows(CONFLICT_MARK.len())
-            .any(|w| w == CONFLICT_MARK)
-        {
+        if i.flags & crate::store::absent::INODE_CONFLICT != 0 {
             return Ok(SyncStatus::Conflict);
         }
         if i.flags & crate::store::absent::INODE_ABSENT != 0 {

@@ -27,6 +27,10 @@ pub const INODE_ABSENT: u32 = 1;
 /// it) is kept on this device and updated eagerly.
 pub const INODE_PINNED: u32 = 2;
 
+/// Inode flag: a conflicted copy this device made (the sync status `conflict` comes from
+/// it, not from the name). Cleared when the user renames the file, which settles it.
+pub const INODE_CONFLICT: u32 = 4;
+
 /// The piece size of online-only content: what one fetch covers at least.
 pub const CHUNK: u64 = 1 << 20;
 
@@ -158,7 +162,53 @@ impl AbsentContent {
     }
 }
 
+const META_ON_DEMAND: &[u8] = b"on_demand";
+
 impl Store {
+    /// Whether the last mount of this store was an on-demand one (`status` counts local and
+    /// online-only files only then, or while online-only files are left).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn on_demand_mode(&self) -> Result<bool> {
+        Ok(self
+            .meta_range(META_ON_DEMAND)?
+            .iter()
+            .any(|(k, _)| k.as_slice() == META_ON_DEMAND))
+    }
+
+    /// Whether any file's content is online-only.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn has_absent(&self) -> Result<bool> {
+        match self
+            .db
+            .iterator_cf(self.cf(CF_ABSENT), rocksdb::IteratorMode::Start)
+            .next()
+        {
+            Some(item) => {
+                item?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Records whether this store is mounted on demand.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn set_on_demand_mode(&self, on: bool) -> Result<()> {
+        let mut b = self.batch();
+        if on {
+            b.put_meta(META_ON_DEMAND, b"1");
+        } else {
+            b.delete_meta(META_ON_DEMAND);
+        }
+        self.commit(b, false)
+    }
+
     /// The online-only record of inode `ino`, if its content is not entirely local.
     ///
     /// # Errors
