@@ -451,10 +451,7 @@ impl FsCore {
                 let mut b = self.store.batch();
                 b.put_absent(ino, &rec);
                 self.store.commit(b, true)?;
-                let file = self.store.open_content(ino, true)?;
-                file.set_len(0)?;
-                file.set_len(i.size)?;
-                self.ondemand.last_used.lock().remove(&ino);
+                self.drop_local_bytes(ino, i.size)?;
                 return Ok(true);
             }
         }
@@ -484,11 +481,18 @@ impl FsCore {
         b.put_absent(ino, &rec);
         self.store.commit(b, true)?;
         // The bytes go only after the record says they are not here.
-        let file = self.store.open_content(ino, true)?;
-        file.set_len(0)?;
-        file.set_len(i.size)?;
-        self.ondemand.last_used.lock().remove(&ino);
+        self.drop_local_bytes(ino, i.size)?;
         self.replaced.lock().insert(ino);
         Ok(true)
+    }
+
+    /// Frees the content file's bytes (it stays, sparse, at `size`); called once the store
+    /// records that no piece of it is present.
+    fn drop_local_bytes(&self, ino: u64, size: u64) -> FsResult<()> {
+        let file = self.store.open_content(ino, true)?;
+        file.set_len(0)?;
+        file.set_len(size)?;
+        self.ondemand.last_used.lock().remove(&ino);
+        Ok(())
     }
 }

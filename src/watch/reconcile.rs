@@ -428,6 +428,21 @@ impl Reconciler {
         }
     }
 
+    /// Gives store inode `s` the local entry's mode.
+    fn chmod(&self, l: &Local, s: u64) -> Result<crate::store::Inode, Errno> {
+        self.core.do_setattr(
+            &Self::caller(l),
+            s,
+            Some(l.mode),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+    }
+
     // ----- folder → store -----
 
     fn import(&self, st: &mut State) -> anyhow::Result<()> {
@@ -589,19 +604,7 @@ impl Reconciler {
                 }
                 FileKind::Directory => {
                     if self.caps.modes && l.mode != u32::from(inode.perm) {
-                        self.core
-                            .do_setattr(
-                                &Self::caller(&l),
-                                s,
-                                Some(l.mode),
-                                None,
-                                None,
-                                None,
-                                None,
-                                None,
-                                None,
-                            )
-                            .map_err(|e| errno("chmod", e))?;
+                        self.chmod(&l, s).map_err(|e| errno("chmod", e))?;
                     }
                     let i = self
                         .live_inode(s)?
@@ -740,17 +743,7 @@ impl Reconciler {
             return Ok(Some(s));
         }
         if existing.is_some() && l.kind == FileKind::Directory && self.caps.modes {
-            let _ = self.core.do_setattr(
-                &Self::caller(l),
-                s,
-                Some(l.mode),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            );
+            let _ = self.chmod(l, s);
         }
         let i = self
             .live_inode(s)?
