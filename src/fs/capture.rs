@@ -75,6 +75,8 @@ pub struct Capture {
     /// When each pending object first and last changed since it was last sealed.
     changed: Mutex<HashMap<ObjectId, (Instant, Instant)>>,
     activity: Mutex<Activity>,
+    /// Objects with an fsync in progress, and how many: they are still being written.
+    syncing: Mutex<HashMap<ObjectId, usize>>,
     ignore: crate::ignore::Ignore,
 }
 
@@ -128,6 +130,7 @@ impl Capture {
                 last_change: now,
                 oldest_unsealed: has_pending.then_some(now),
             }),
+            syncing: Mutex::new(HashMap::new()),
             ignore: crate::ignore::Ignore::new(),
         })
     }
@@ -209,9 +212,30 @@ impl Capture {
     /// long enough, or it has been changing for too long. (Unknown objects, pending since a
     /// previous run, are quiet.)
     fn settled(&self, object: &ObjectId) -> bool {
+        if self.syncing.lock().contains_key(object) {
+            // An fsync of a big new file can take longer than the quiet period; an editor
+            // renames it over the original only after it returns.
+            return self
+                .changed
+                .lock()
+                .get(object)
+                .is_some_and(|(first, _)| first.elapsed() >= MAX_UNSEALED);
+        }
         match self.changed.lock().get(object) {
             None => true,
             Some((first, last)) => last.elapsed() >= self.quiet || first.elapsed() >= MAX_UNSEALED,
+        }
+    }
+
+    /// Marks an fsync of `object` as in progress until the guard drops. The object does not
+    /// settle meanwhile, and its quiet period starts again when the fsync returns: the
+    /// write-temp, fsync, rename save of a big file then still travels as an edit of the
+    /// original rather than as a new file.
+    pub fn syncing(&self, object: ObjectId) -> SyncingGuard<'_> {
+        *self.syncing.lock().entry(object).or_insert(0) += 1;
+        SyncingGuard {
+            capture: self,
+            object,
         }
     }
 
@@ -229,6 +253,33 @@ impl Capture {
     /// The device's ignore rules.
     pub fn ignore(&self) -> &crate::ignore::Ignore {
         &self.ignore
+    }
+}
+
+/// An fsync in progress (see [`Capture::syncing`]).
+pub struct SyncingGuard<'a> {
+    capture: &'a Capture,
+    object: ObjectId,
+}
+
+impl Drop for SyncingGuard<'_> {
+    fn drop(&mut self) {
+        let mut s = self.capture.syncing.lock();
+        if let Some(n) = s.get_mut(&self.object) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&self.object);
+            }
+        }
+        drop(s);
+        let now = Instant::now();
+        if let Some((_, last)) = self.capture.changed.lock().get_mut(&self.object) {
+            *last = now;
+        }
+        let mut a = self.capture.activity.lock();
+        if a.oldest_unsealed.is_some() {
+            a.last_change = now;
+        }
     }
 }
 
@@ -1199,5 +1250,58 @@ impl Capture {
     /// Whether `object` has unsealed changes (for the status xattr and tests).
     pub fn has_pending(&self, object: &ObjectId) -> bool {
         self.pending.lock().contains_key(object)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed_now(c: &Capture, object: ObjectId) {
+        let now = Instant::now();
+        c.changed.lock().insert(object, (now, now));
+        let mut a = c.activity.lock();
+        a.last_change = now;
+        a.oldest_unsealed.get_or_insert(now);
+    }
+
+    #[test]
+    fn a_file_being_fsynced_does_not_settle_and_its_quiet_period_restarts_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), &dir.path().join("c"), 0, 0).unwrap();
+        let quiet = Duration::from_millis(40);
+        let c = Capture::load(&store, "dev".into(), quiet).unwrap();
+        let (tmp, other) = (ObjectId::random(), ObjectId::random());
+        changed_now(&c, tmp);
+        changed_now(&c, other);
+        let guard = c.syncing(tmp);
+        std::thread::sleep(quiet * 3);
+        // A long fsync: the file is not settled, the untouched one is.
+        assert!(
+            !c.settled(&tmp),
+            "a file being fsynced is still being written"
+        );
+        assert!(c.settled(&other));
+        drop(guard);
+        // The fsync returned just now: the rename that follows it has a quiet period.
+        assert!(
+            !c.settled(&tmp),
+            "the quiet period restarts when the fsync returns"
+        );
+        assert!(
+            !c.due(),
+            "the tree is not quiet right after an fsync of a pending file"
+        );
+        std::thread::sleep(quiet * 2);
+        assert!(c.settled(&tmp));
+        assert!(c.due());
+        // Nested fsyncs of one file: settled only after both return.
+        let (g1, g2) = (c.syncing(tmp), c.syncing(tmp));
+        drop(g1);
+        std::thread::sleep(quiet * 2);
+        assert!(!c.settled(&tmp));
+        drop(g2);
+        std::thread::sleep(quiet * 2);
+        assert!(c.settled(&tmp));
     }
 }

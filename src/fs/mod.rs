@@ -1388,6 +1388,8 @@ impl Filesystem for DeltaFs {
     ) {
         let r = (|| {
             let file = self.handle_file(fh.0)?;
+            let object = self.store.get_inode(ino.0)?.map(|i| i.object);
+            let _syncing = object.map(|o| self.capture.syncing(o));
             if datasync {
                 file.sync_data()?;
             } else {
