@@ -92,6 +92,9 @@ pub struct Store {
 pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
+    /// Files the batch makes unreferenced, removed once it has committed (a crash before
+    /// that leaves them to the orphan sweep at the next open).
+    unlink_after: Vec<PathBuf>,
 }
 
 /// A directory entry as listed by [`Store::list_dir`].
@@ -253,6 +256,7 @@ impl Store {
             std::fs::remove_dir_all(&staging)?;
         }
         sync_state::index_outbox_once(self)?;
+        sync_state::remove_orphan_payloads(self)?;
         self.remove_orphans()
     }
 
@@ -304,6 +308,7 @@ impl Store {
         Batch {
             store: self,
             wb: WriteBatch::default(),
+            unlink_after: Vec::new(),
         }
     }
 
@@ -315,6 +320,13 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch.wb, &wo)?;
+        for path in batch.unlink_after {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
+            }
+        }
         Ok(())
     }
 

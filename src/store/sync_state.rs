@@ -12,6 +12,12 @@
 //!   change itself, so a crash never loses the fact that something must be sent.
 //! - The outbox is keyed by a local sequence that only grows; an entry is written in the
 //!   same batch as the `objstate` it advances.
+//! - An outbox entry longer than [`OUTBOX_INLINE_MAX`] keeps its bytes in a file of its own,
+//!   `content/outbox/<seq>`, written and fsynced before the batch that references it
+//!   commits; the entry's value then names the file's length and BLAKE3 hash, which are
+//!   checked when it is read. A file no entry references (a crash between the two) is
+//!   removed at the next open. Big payloads so never pass through RocksDB's write batch,
+//!   WAL, memtable and flush: four copies of every byte of a big file's upload.
 //! - `outbox_objects` indexes the outbox by object (which entries touch which objects), so
 //!   "is this object still waiting for the server" needs no decoding of payloads. It changes
 //!   in the same batch as the outbox: write the outbox only through
@@ -28,6 +34,21 @@ pub(super) const CF_SIGNATURES: &str = "signatures";
 pub(super) const CF_LEAVES: &str = "leaves";
 pub(super) const CF_OUTBOX_OBJECTS: &str = "outbox_objects";
 const META_OUTBOX_NEXT: &[u8] = b"outbox_next";
+/// Longest outbox entry kept inline in RocksDB; longer ones go to a payload file.
+pub(super) const OUTBOX_INLINE_MAX: usize = 256 << 10;
+/// Starts the value of an outbox entry whose bytes are in a payload file: then the
+/// payload's length (u64 LE) and BLAKE3 hash. An encoded transaction starts with `DDTX`.
+const PAYLOAD_MARK: &[u8; 8] = b"DDOBFILE";
+const PAYLOAD_REF_LEN: usize = 8 + 8 + 32;
+
+/// The length and hash of the payload file an outbox value refers to, if it refers to one.
+fn payload_ref(value: &[u8]) -> Option<(u64, [u8; 32])> {
+    if value.len() != PAYLOAD_REF_LEN || !value.starts_with(PAYLOAD_MARK) {
+        return None;
+    }
+    let len = u64::from_le_bytes(value[8..16].try_into().ok()?);
+    Some((len, value[16..].try_into().ok()?))
+}
 /// Set once the outbox entries written before `outbox_objects` existed are indexed.
 const META_OUTBOX_INDEXED: &[u8] = b"outbox_indexed";
 
@@ -278,11 +299,39 @@ impl Store {
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("bad outbox key".into()))?,
             );
-            if !f(seq, &v) {
+            let go = match payload_ref(&v) {
+                Some((len, hash)) => f(seq, &self.read_payload(seq, len, &hash)?),
+                None => f(seq, &v),
+            };
+            if !go {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Where the bytes of a long outbox entry are kept.
+    pub(super) fn payload_dir(&self) -> std::path::PathBuf {
+        self.content_dir.join("outbox")
+    }
+
+    fn payload_path(&self, seq: u64) -> std::path::PathBuf {
+        self.payload_dir().join(format!("{seq:016x}"))
+    }
+
+    fn read_payload(&self, seq: u64, len: u64, hash: &[u8; 32]) -> Result<Vec<u8>> {
+        let path = self.payload_path(seq);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            StoreError::Corrupt(format!("outbox entry {seq}: {}: {e}", path.display()))
+        })?;
+        if bytes.len() as u64 != len || blake3::hash(&bytes).as_bytes() != hash {
+            return Err(StoreError::Corrupt(format!(
+                "outbox entry {seq}: {} is not the payload that was written ({} bytes, {len} expected)",
+                path.display(),
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
     }
 
     /// The local sequences of the first `n` outbox entries, oldest first.
@@ -347,7 +396,7 @@ impl Store {
         {
             let (_, v) = item?;
             n += 1;
-            bytes += v.len() as u64;
+            bytes += payload_ref(&v).map_or(v.len() as u64, |(len, _)| len);
         }
         Ok((n, bytes))
     }
@@ -405,8 +454,14 @@ impl Batch<'_> {
             .store
             .next_outbox
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.wb
-            .put_cf(self.store.cf(CF_OUTBOX), seq.to_be_bytes(), bytes);
+        if bytes.len() > OUTBOX_INLINE_MAX {
+            let value = self.write_payload(seq, &bytes)?;
+            self.wb
+                .put_cf(self.store.cf(CF_OUTBOX), seq.to_be_bytes(), value);
+        } else {
+            self.wb
+                .put_cf(self.store.cf(CF_OUTBOX), seq.to_be_bytes(), bytes);
+        }
         self.index_outbox(seq, &tx_objects(tx));
         self.wb.put_cf(
             self.store.cf(super::CF_META),
@@ -416,10 +471,39 @@ impl Batch<'_> {
         Ok(seq)
     }
 
+    /// Writes a long entry's bytes to its payload file, durably (the batch that references
+    /// it may commit with a synced WAL); returns the outbox value that refers to it.
+    fn write_payload(&mut self, seq: u64, bytes: &[u8]) -> Result<Vec<u8>> {
+        use std::io::Write;
+        let dir = self.store.payload_dir();
+        let created = !dir.exists();
+        std::fs::create_dir_all(&dir)?;
+        let path = self.store.payload_path(seq);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        if created {
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
+        let mut value = Vec::with_capacity(PAYLOAD_REF_LEN);
+        value.extend_from_slice(PAYLOAD_MARK);
+        value.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        value.extend_from_slice(blake3::hash(bytes).as_bytes());
+        Ok(value)
+    }
+
     /// Removes an uploaded transaction from the outbox.
     pub fn remove_outbox(&mut self, seq: u64) {
         self.wb
             .delete_cf(self.store.cf(CF_OUTBOX), seq.to_be_bytes());
+        self.unlink_after.push(self.store.payload_path(seq));
         let cf = self.store.cf(CF_OUTBOX_OBJECTS);
         match self.store.db.get_pinned_cf(cf, index_seq_key(seq)) {
             Ok(Some(v)) => {
@@ -464,6 +548,33 @@ pub(super) fn index_outbox_once(store: &Store) -> Result<()> {
 }
 
 /// Loads the outbox counter at open.
+/// Removes payload files no outbox entry refers to: written for a batch that never
+/// committed, or left when a crash came between an entry's removal and its file's.
+pub(super) fn remove_orphan_payloads(store: &Store) -> Result<()> {
+    let dir = store.payload_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let referenced = match u64::from_str_radix(&name.to_string_lossy(), 16) {
+            Ok(seq) => store
+                .db
+                .get_pinned_cf(store.cf(CF_OUTBOX), seq.to_be_bytes())?
+                .is_some_and(|v| payload_ref(&v).is_some()),
+            Err(_) => false,
+        };
+        if !referenced {
+            tracing::debug!("removing orphan outbox payload {}", entry.path().display());
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn load_outbox_next(store: &Store) -> Result<u64> {
     match store
         .db

@@ -221,3 +221,119 @@ fn an_outbox_from_before_the_index_is_indexed_at_open() {
     let s = Store::open(&db, &content, 0, 0).unwrap();
     assert!(s.outbox_touches(&a).unwrap());
 }
+
+/// A transaction whose encoding is longer than the inline limit: a write of random bytes.
+fn long_tx() -> crate::changelog::Transaction {
+    use crate::changelog::{empty_hash, Delta, Op, OpKind, Transaction};
+    use rand::RngCore;
+    let mut bytes = vec![0u8; sync_state::OUTBOX_INLINE_MAX * 3];
+    rand::rng().fill_bytes(&mut bytes);
+    let new_hash = *blake3::hash(&bytes).as_bytes();
+    Transaction {
+        id: rand::random(),
+        device: "d".into(),
+        time_ms: 1,
+        ops: vec![Op {
+            object: ObjectId::random(),
+            base_version: 1,
+            new_version: 2,
+            kind: OpKind::Write {
+                base_hash: empty_hash(),
+                new_hash,
+                new_size: bytes.len() as u64,
+                delta: Delta::Whole(bytes),
+            },
+        }],
+    }
+}
+
+fn payload_files(content: &Path) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(content.join("outbox")) {
+        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn a_long_outbox_entry_lives_in_a_payload_file_and_reads_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    let (long, short) = (long_tx(), tx_on(&[ObjectId::random()]));
+    let (long_enc, short_enc) = (
+        crate::changelog::encode_transaction(&long),
+        crate::changelog::encode_transaction(&short),
+    );
+    assert!(long_enc.len() > sync_state::OUTBOX_INLINE_MAX);
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    let mut batch = s.batch();
+    let s1 = batch.push_outbox(&long).unwrap();
+    batch.push_outbox(&short).unwrap();
+    s.commit(batch, false).unwrap();
+    assert_eq!(
+        payload_files(&content).len(),
+        1,
+        "only the long entry has a file"
+    );
+    let read: Vec<Vec<u8>> = s.outbox().unwrap().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(read, vec![long_enc.clone(), short_enc.clone()]);
+    assert_eq!(
+        s.outbox_size().unwrap(),
+        (2, (long_enc.len() + short_enc.len()) as u64),
+        "sizes count the payload, not its reference"
+    );
+    // Read-only, as `status` reads it.
+    drop(s);
+    let r = Store::open_read_only(&db, &content).unwrap();
+    assert_eq!(r.outbox_size().unwrap().0, 2);
+    assert_eq!(r.outbox().unwrap()[0].1, long_enc);
+    drop(r);
+    // Survives a reopen; removal deletes the file with the entry.
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    assert_eq!(s.outbox().unwrap()[0].1, long_enc);
+    let mut batch = s.batch();
+    batch.remove_outbox(s1);
+    s.commit(batch, false).unwrap();
+    assert!(payload_files(&content).is_empty());
+    assert_eq!(s.outbox().unwrap().len(), 1);
+}
+
+#[test]
+fn a_payload_file_no_entry_refers_to_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    {
+        let s = Store::open(&db, &content, 0, 0).unwrap();
+        let mut batch = s.batch();
+        batch.push_outbox(&long_tx()).unwrap();
+        s.commit(batch, false).unwrap();
+        // A crash after the payload was written, before its batch committed.
+        let mut lost = s.batch();
+        lost.push_outbox(&long_tx()).unwrap();
+        drop(lost);
+        assert_eq!(payload_files(&content).len(), 2);
+    }
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    assert_eq!(payload_files(&content).len(), 1, "the orphan is gone");
+    assert_eq!(s.outbox().unwrap().len(), 1, "the committed entry is kept");
+}
+
+#[test]
+fn a_damaged_payload_file_is_an_error_not_other_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, content) = (dir.path().join("db"), dir.path().join("content"));
+    let s = Store::open(&db, &content, 0, 0).unwrap();
+    let mut batch = s.batch();
+    batch.push_outbox(&long_tx()).unwrap();
+    s.commit(batch, false).unwrap();
+    let file = payload_files(&content).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = s.outbox().unwrap_err().to_string();
+    assert!(err.contains("not the payload that was written"), "{err}");
+    std::fs::write(&file, &bytes[..10]).unwrap();
+    assert!(s.outbox().is_err(), "a truncated payload is an error too");
+    std::fs::remove_file(&file).unwrap();
+    assert!(s.outbox().is_err(), "a missing payload is an error too");
+}
