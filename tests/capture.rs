@@ -164,6 +164,59 @@ fn temp_file_and_rename_is_an_edit_of_the_original() {
 }
 
 #[test]
+fn a_temp_file_written_slowly_is_still_an_edit_of_the_original() {
+    // An editor that creates its temp file, then takes longer than the quiet period to
+    // write and fsync it (a big file), then renames it over the original.
+    let mut m = Mounted::new();
+    fs::write(m.path("big.txt"), data(300_000, 4)).unwrap();
+    settle(&mut m);
+    let before = outbox(&m.home).len();
+
+    let mut new = data(300_000, 4);
+    new.splice(150_000..150_000, b"a new paragraph".iter().copied());
+    let tmp = m.path("big.txt.tmp");
+    let mut f = fs::File::create(&tmp).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    f.write_all(&new[..100_000]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    f.write_all(&new[100_000..]).unwrap();
+    f.sync_all().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    drop(f);
+    fs::rename(&tmp, m.path("big.txt")).unwrap();
+    settle(&mut m);
+
+    let txs = assert_replay_matches(&m);
+    let after: Vec<&OpKind> = txs[before..]
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|o| &o.kind)
+        .collect();
+    assert!(
+        after
+            .iter()
+            .all(|k| !matches!(k, OpKind::Create { .. } | OpKind::Delete)),
+        "the temp file was never announced on its own: {:?}",
+        kinds(&after)
+    );
+    let obj = object_of(&txs, "big.txt");
+    match ops_on(&txs[before..], obj)
+        .iter()
+        .find(|k| matches!(k, OpKind::Write { .. }))
+    {
+        Some(OpKind::Write {
+            delta: Delta::Rsync(d),
+            ..
+        }) => assert!(d.len() < 20_000, "a small rsync delta: {} bytes", d.len()),
+        other => panic!(
+            "expected an rsync Write on the original object, got {:?}",
+            other.map(|k| kinds(&[*k]))
+        ),
+    }
+    assert_eq!(fs::read(m.path("big.txt")).unwrap(), new);
+}
+
+#[test]
 fn vim_like_save_is_an_edit_of_the_original() {
     let mut m = Mounted::new();
     fs::write(m.path("notes.md"), data(100_000, 3)).unwrap();

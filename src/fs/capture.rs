@@ -75,8 +75,8 @@ pub struct Capture {
     /// When each pending object first and last changed since it was last sealed.
     changed: Mutex<HashMap<ObjectId, (Instant, Instant)>>,
     activity: Mutex<Activity>,
-    /// Objects with an fsync in progress, and how many: they are still being written.
-    syncing: Mutex<HashMap<ObjectId, usize>>,
+    /// Open write handles per inode: a file open for writing is still being written.
+    writers: Mutex<HashMap<u64, usize>>,
     ignore: crate::ignore::Ignore,
 }
 
@@ -130,7 +130,7 @@ impl Capture {
                 last_change: now,
                 oldest_unsealed: has_pending.then_some(now),
             }),
-            syncing: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
             ignore: crate::ignore::Ignore::new(),
         })
     }
@@ -211,31 +211,44 @@ impl Capture {
     /// Whether a pending object may be sealed now by a periodic seal: it has been quiet
     /// long enough, or it has been changing for too long. (Unknown objects, pending since a
     /// previous run, are quiet.)
-    fn settled(&self, object: &ObjectId) -> bool {
-        if self.syncing.lock().contains_key(object) {
-            // An fsync of a big new file can take longer than the quiet period; an editor
-            // renames it over the original only after it returns.
-            return self
-                .changed
-                .lock()
-                .get(object)
-                .is_some_and(|(first, _)| first.elapsed() >= MAX_UNSEALED);
+    fn settled(&self, object: &ObjectId, ino: Option<u64>) -> bool {
+        let changed = self.changed.lock().get(object).copied();
+        if ino.is_some_and(|i| self.writers.lock().contains_key(&i)) {
+            // Still open for writing: an editor writes its temp file (and fsyncs it, which
+            // for a big file outlasts the quiet period), closes it and only then renames it
+            // over the original. Announcing it earlier would send its whole content as a
+            // new file instead of a delta of the original.
+            return changed.is_some_and(|(first, _)| first.elapsed() >= MAX_UNSEALED);
         }
-        match self.changed.lock().get(object) {
+        match changed {
             None => true,
             Some((first, last)) => last.elapsed() >= self.quiet || first.elapsed() >= MAX_UNSEALED,
         }
     }
 
-    /// Marks an fsync of `object` as in progress until the guard drops. The object does not
-    /// settle meanwhile, and its quiet period starts again when the fsync returns: the
-    /// write-temp, fsync, rename save of a big file then still travels as an edit of the
-    /// original rather than as a new file.
-    pub fn syncing(&self, object: ObjectId) -> SyncingGuard<'_> {
-        *self.syncing.lock().entry(object).or_insert(0) += 1;
-        SyncingGuard {
-            capture: self,
-            object,
+    /// A handle of `ino` was opened for writing.
+    pub fn writer_opened(&self, ino: u64) {
+        *self.writers.lock().entry(ino).or_insert(0) += 1;
+    }
+
+    /// A write handle of `ino` (now the inode of `object`) was closed. The object's quiet
+    /// period starts again: the rename that follows a temp file's close comes within it.
+    pub fn writer_closed(&self, ino: u64, object: ObjectId) {
+        let mut w = self.writers.lock();
+        if let Some(n) = w.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&ino);
+            }
+        }
+        drop(w);
+        let now = Instant::now();
+        if let Some((_, last)) = self.changed.lock().get_mut(&object) {
+            *last = now;
+        }
+        let mut a = self.activity.lock();
+        if a.oldest_unsealed.is_some() {
+            a.last_change = now;
         }
     }
 
@@ -253,33 +266,6 @@ impl Capture {
     /// The device's ignore rules.
     pub fn ignore(&self) -> &crate::ignore::Ignore {
         &self.ignore
-    }
-}
-
-/// An fsync in progress (see [`Capture::syncing`]).
-pub struct SyncingGuard<'a> {
-    capture: &'a Capture,
-    object: ObjectId,
-}
-
-impl Drop for SyncingGuard<'_> {
-    fn drop(&mut self) {
-        let mut s = self.capture.syncing.lock();
-        if let Some(n) = s.get_mut(&self.object) {
-            *n -= 1;
-            if *n == 0 {
-                s.remove(&self.object);
-            }
-        }
-        drop(s);
-        let now = Instant::now();
-        if let Some((_, last)) = self.capture.changed.lock().get_mut(&self.object) {
-            *last = now;
-        }
-        let mut a = self.capture.activity.lock();
-        if a.oldest_unsealed.is_some() {
-            a.last_change = now;
-        }
     }
 }
 
@@ -577,7 +563,11 @@ impl Sealer<'_> {
                 (Some(i), Some(st)) => self.object_of(i.parent)? == st.parent && i.name == st.name,
                 _ => false,
             };
-            if in_place_edit || self.capture.settled(&it.object) {
+            if in_place_edit
+                || self
+                    .capture
+                    .settled(&it.object, it.inode.as_ref().map(|i| i.ino))
+            {
                 keep.push(it);
             }
         }
@@ -937,12 +927,26 @@ impl Sealer<'_> {
         let new_hash: ContentHash = *blake3::hash(&content).as_bytes();
         let delta = match (strategy, &signature) {
             (Strategy::Rsync, Some(sig)) if st.version > 0 => {
-                match delta::rsync_delta(sig, &content) {
+                let d = delta::rsync_delta(sig, &content);
+                tracing::debug!(
+                    "rsync delta of {} ({size} bytes, base {} bytes): {:?} bytes",
+                    object.to_hex(),
+                    st.size,
+                    d.as_ref().map(delta_len)
+                );
+                match d {
                     Ok(d) if delta_len(&d) < size as usize => d,
                     _ => Delta::Whole(content.clone()),
                 }
             }
-            _ => Delta::Whole(content.clone()),
+            _ => {
+                tracing::debug!(
+                    "whole content of {} ({size} bytes): strategy {strategy:?}, signature {}",
+                    object.to_hex(),
+                    signature.is_some()
+                );
+                Delta::Whole(content.clone())
+            }
         };
         if delta_len(&delta) as u64 > MAX_WHOLE {
             // The rsync delta found little to reuse (a big file rewritten with new bytes):
@@ -1266,42 +1270,44 @@ mod tests {
     }
 
     #[test]
-    fn a_file_being_fsynced_does_not_settle_and_its_quiet_period_restarts_after() {
+    fn a_file_open_for_writing_does_not_settle_and_its_quiet_period_restarts_at_close() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db"), &dir.path().join("c"), 0, 0).unwrap();
         let quiet = Duration::from_millis(40);
         let c = Capture::load(&store, "dev".into(), quiet).unwrap();
         let (tmp, other) = (ObjectId::random(), ObjectId::random());
+        let (tmp_ino, other_ino) = (7, 8);
         changed_now(&c, tmp);
         changed_now(&c, other);
-        let guard = c.syncing(tmp);
+        c.writer_opened(tmp_ino);
         std::thread::sleep(quiet * 3);
-        // A long fsync: the file is not settled, the untouched one is.
+        // Written slowly, or a long fsync: the open file is not settled, the closed one is.
         assert!(
-            !c.settled(&tmp),
-            "a file being fsynced is still being written"
+            !c.settled(&tmp, Some(tmp_ino)),
+            "a file open for writing is being written"
         );
-        assert!(c.settled(&other));
-        drop(guard);
-        // The fsync returned just now: the rename that follows it has a quiet period.
+        assert!(c.settled(&other, Some(other_ino)));
+        c.writer_closed(tmp_ino, tmp);
+        // Closed just now: the rename that follows has a quiet period.
         assert!(
-            !c.settled(&tmp),
-            "the quiet period restarts when the fsync returns"
+            !c.settled(&tmp, Some(tmp_ino)),
+            "the quiet period restarts at close"
         );
         assert!(
             !c.due(),
-            "the tree is not quiet right after an fsync of a pending file"
+            "the tree is not quiet right after a pending file's close"
         );
         std::thread::sleep(quiet * 2);
-        assert!(c.settled(&tmp));
+        assert!(c.settled(&tmp, Some(tmp_ino)));
         assert!(c.due());
-        // Nested fsyncs of one file: settled only after both return.
-        let (g1, g2) = (c.syncing(tmp), c.syncing(tmp));
-        drop(g1);
+        // Two write handles: settled only after both close.
+        c.writer_opened(tmp_ino);
+        c.writer_opened(tmp_ino);
+        c.writer_closed(tmp_ino, tmp);
         std::thread::sleep(quiet * 2);
-        assert!(!c.settled(&tmp));
-        drop(g2);
+        assert!(!c.settled(&tmp, Some(tmp_ino)));
+        c.writer_closed(tmp_ino, tmp);
         std::thread::sleep(quiet * 2);
-        assert!(c.settled(&tmp));
+        assert!(c.settled(&tmp, Some(tmp_ino)));
     }
 }

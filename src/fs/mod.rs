@@ -85,6 +85,8 @@ struct FileHandleState {
     stale_written: bool,
     /// The content was online-only at open: reads make their range local first.
     absent: bool,
+    /// Opened for writing (counted in [`capture::Capture::writer_opened`]).
+    write: bool,
 }
 
 /// The mounted file system: a thin handle the FUSE session owns, over state that the
@@ -229,7 +231,7 @@ impl FsCore {
         attr::file_attr(inode, blocks)
     }
 
-    fn open_handle(&self, ino: u64, file: File, absent: bool) -> u64 {
+    fn open_handle(&self, ino: u64, file: File, absent: bool, write: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let gen = self.content_gen.lock().get(&ino).copied().unwrap_or(0);
         self.files.lock().insert(
@@ -239,9 +241,13 @@ impl FsCore {
                 gen,
                 stale_written: false,
                 absent,
+                write,
             },
         );
         *self.open_count.lock().entry(ino).or_insert(0) += 1;
+        if write {
+            self.capture.writer_opened(ino);
+        }
         fh
     }
 
@@ -634,7 +640,8 @@ impl FsCore {
         if file.metadata()?.len() > i.size {
             file.set_len(i.size)?;
         }
-        let fh = self.open_handle(ino, file, absent);
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.open_handle(ino, file, absent, write);
         if !absent && self.options.on_demand.is_some() {
             // Eviction checks for open handles under the metadata lock: once this handle is
             // counted it is safe, but an eviction may have finished between the read of the
@@ -678,6 +685,13 @@ impl FsCore {
 
     pub(crate) fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
         let state = self.files.lock().remove(&fh);
+        if state.as_ref().is_some_and(|s| s.write) {
+            let object = self
+                .store
+                .get_inode(ino)?
+                .map_or(ObjectId::ROOT, |i| i.object);
+            self.capture.writer_closed(ino, object);
+        }
         if let Some(st) = state.filter(|s| s.stale_written) {
             if let Err(e) = self.keep_stale_handle(ino, &st.file) {
                 tracing::error!(
@@ -1388,8 +1402,6 @@ impl Filesystem for DeltaFs {
     ) {
         let r = (|| {
             let file = self.handle_file(fh.0)?;
-            let object = self.store.get_inode(ino.0)?.map(|i| i.object);
-            let _syncing = object.map(|o| self.capture.syncing(o));
             if datasync {
                 file.sync_data()?;
             } else {
