@@ -32,6 +32,9 @@ use crate::store::{
 
 use super::FsCore;
 
+/// From this many staged files on, an apply makes them durable with one `syncfs`.
+const SYNCFS_FROM: usize = 16;
+
 /// Largest file content an apply builds in memory.
 pub const MAX_APPLY_CONTENT: u64 = 4 << 30;
 
@@ -914,6 +917,10 @@ impl FsCore {
         let dir = store.staging_dir();
         std::fs::create_dir_all(&dir)?;
         let mut files = Vec::with_capacity(staged.len());
+        // Many files (an initial sync applies thousands in one transaction): one syncfs
+        // makes them all durable in one journal commit, where an fdatasync each cost
+        // a commit per file (a third of the applying daemon's CPU).
+        let one_sync = staged.len() >= SYNCFS_FROM;
         for s in staged {
             let path: PathBuf = dir.join(format!("{:016x}.new", s.ino));
             let f = std::fs::OpenOptions::new()
@@ -922,8 +929,17 @@ impl FsCore {
                 .truncate(true)
                 .open(&path)?;
             write_sparse(&f, &s.content)?;
-            f.sync_data()?;
+            if !one_sync {
+                f.sync_data()?;
+            }
             files.push(path);
+        }
+        if one_sync {
+            let d = std::fs::File::open(&dir)?;
+            // SAFETY: syncfs takes a valid open descriptor, which `d` holds for the call.
+            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
         }
         let mut journal = Vec::with_capacity(staged.len());
         for s in staged {
