@@ -686,9 +686,13 @@ impl FsCore {
     pub(crate) fn do_release(&self, ino: u64, fh: u64) -> FsResult<()> {
         let state = self.files.lock().remove(&fh);
         if state.as_ref().is_some_and(|s| s.write) {
+            // Counted down even if the store cannot be read, or the file would stay
+            // unsettled until the 60 s cap.
             let object = self
                 .store
-                .get_inode(ino)?
+                .get_inode(ino)
+                .ok()
+                .flatten()
                 .map_or(ObjectId::ROOT, |i| i.object);
             self.capture.writer_closed(ino, object);
         }
