@@ -11,7 +11,8 @@
 //! - a content edit of an already-announced file: at its close after writing and at fsync;
 //! - everything else (new files, deletes, renames, folders): once the whole tree has been
 //!   quiet for `quiet` (default 300 ms), and after at most `max_delay` of continuous
-//!   activity. Waiting is what lets an editor's save pattern — write a temp file, rename it
+//!   activity. A file open for writing is not quiet until it is closed (at most
+//!   `MAX_UNSEALED`), and its quiet period starts again at close. Waiting is what lets an editor's save pattern — write a temp file, rename it
 //!   over the original; or rename the original away, write a new file, delete the old —
 //!   be recognised: a new file that ends up where an announced file was (deleted or moved
 //!   away) takes over that file's object id, and the change travels as an edit of it.
