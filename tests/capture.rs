@@ -122,7 +122,8 @@ fn thousands_of_scattered_writes_travel_as_their_bytes() {
     let before = outbox(&m.home).len();
     let f = OpenOptions::new().write(true).open(&p).unwrap();
     for i in 0..8_000u64 {
-        f.write_all_at(&[(i % 251) as u8 ^ 0x5a; 16], i * 2048 + 7).unwrap();
+        f.write_all_at(&[(i % 251) as u8 ^ 0x5a; 16], i * 2048 + 7)
+            .unwrap();
     }
     f.sync_all().unwrap();
     drop(f);
