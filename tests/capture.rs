@@ -169,8 +169,14 @@ fn temp_file_and_rename_is_an_edit_of_the_original() {
     settle(&mut m);
 
     let txs = assert_replay_matches(&m);
-    let obj = object_of(&txs, "report.txt");
-    let after: Vec<&OpKind> = txs[before..]
+    assert_small_rsync_edit_of(&txs[before..], &txs, "report.txt");
+    assert_eq!(fs::read(m.path("docs/report.txt")).unwrap(), new);
+}
+
+/// After an editor's save: no create or delete (the temp file was never announced on its
+/// own), and the original object took a small rsync Write.
+fn assert_small_rsync_edit_of(after_save: &[Transaction], all: &[Transaction], name: &str) {
+    let after: Vec<&OpKind> = after_save
         .iter()
         .flat_map(|t| &t.ops)
         .map(|o| &o.kind)
@@ -182,8 +188,11 @@ fn temp_file_and_rename_is_an_edit_of_the_original() {
         "no create or delete: {:?}",
         kinds(&after)
     );
-    let on_obj: Vec<_> = ops_on(&txs[before..], obj);
-    match on_obj.iter().find(|k| matches!(k, OpKind::Write { .. })) {
+    let obj = object_of(all, name);
+    match ops_on(after_save, obj)
+        .iter()
+        .find(|k| matches!(k, OpKind::Write { .. }))
+    {
         Some(OpKind::Write {
             delta: Delta::Rsync(d),
             ..
@@ -199,7 +208,6 @@ fn temp_file_and_rename_is_an_edit_of_the_original() {
             other.map(|k| kinds(&[*k]))
         ),
     }
-    assert_eq!(fs::read(m.path("docs/report.txt")).unwrap(), new);
 }
 
 #[test]
@@ -226,32 +234,7 @@ fn a_temp_file_written_slowly_is_still_an_edit_of_the_original() {
     settle(&mut m);
 
     let txs = assert_replay_matches(&m);
-    let after: Vec<&OpKind> = txs[before..]
-        .iter()
-        .flat_map(|t| &t.ops)
-        .map(|o| &o.kind)
-        .collect();
-    assert!(
-        after
-            .iter()
-            .all(|k| !matches!(k, OpKind::Create { .. } | OpKind::Delete)),
-        "the temp file was never announced on its own: {:?}",
-        kinds(&after)
-    );
-    let obj = object_of(&txs, "big.txt");
-    match ops_on(&txs[before..], obj)
-        .iter()
-        .find(|k| matches!(k, OpKind::Write { .. }))
-    {
-        Some(OpKind::Write {
-            delta: Delta::Rsync(d),
-            ..
-        }) => assert!(d.len() < 20_000, "a small rsync delta: {} bytes", d.len()),
-        other => panic!(
-            "expected an rsync Write on the original object, got {:?}",
-            other.map(|k| kinds(&[*k]))
-        ),
-    }
+    assert_small_rsync_edit_of(&txs[before..], &txs, "big.txt");
     assert_eq!(fs::read(m.path("big.txt")).unwrap(), new);
 }
 

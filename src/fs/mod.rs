@@ -627,8 +627,8 @@ impl FsCore {
             _ => return Err(Errno::EINVAL),
         }
         self.touch_content(ino);
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         if i.flags & crate::store::absent::INODE_ABSENT != 0 {
-            let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
             self.open_absent(&i, write)?;
             if write {
                 i = self.inode(ino)?;
@@ -640,7 +640,6 @@ impl FsCore {
         if file.metadata()?.len() > i.size {
             file.set_len(i.size)?;
         }
-        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let fh = self.open_handle(ino, file, absent, write);
         if !absent && self.options.on_demand.is_some() {
             // Eviction checks for open handles under the metadata lock: once this handle is

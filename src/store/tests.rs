@@ -247,6 +247,15 @@ fn long_tx() -> crate::changelog::Transaction {
     }
 }
 
+/// A store whose outbox holds one committed long entry.
+fn store_with_long_entry(db: &Path, content: &Path) -> Arc<Store> {
+    let s = Store::open(db, content, 0, 0).unwrap();
+    let mut batch = s.batch();
+    batch.push_outbox(&long_tx()).unwrap();
+    s.commit(batch, false).unwrap();
+    s
+}
+
 fn payload_files(content: &Path) -> Vec<std::path::PathBuf> {
     match std::fs::read_dir(content.join("outbox")) {
         Ok(d) => d.map(|e| e.unwrap().path()).collect(),
@@ -302,10 +311,7 @@ fn a_payload_file_no_entry_refers_to_is_removed_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let (db, content) = (dir.path().join("db"), dir.path().join("content"));
     {
-        let s = Store::open(&db, &content, 0, 0).unwrap();
-        let mut batch = s.batch();
-        batch.push_outbox(&long_tx()).unwrap();
-        s.commit(batch, false).unwrap();
+        let s = store_with_long_entry(&db, &content);
         // A crash after the payload was written, before its batch committed.
         let mut lost = s.batch();
         lost.push_outbox(&long_tx()).unwrap();
@@ -321,10 +327,7 @@ fn a_payload_file_no_entry_refers_to_is_removed_at_open() {
 fn a_damaged_payload_file_is_an_error_not_other_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (db, content) = (dir.path().join("db"), dir.path().join("content"));
-    let s = Store::open(&db, &content, 0, 0).unwrap();
-    let mut batch = s.batch();
-    batch.push_outbox(&long_tx()).unwrap();
-    s.commit(batch, false).unwrap();
+    let s = store_with_long_entry(&db, &content);
     let file = payload_files(&content).pop().unwrap();
     let mut bytes = std::fs::read(&file).unwrap();
     let mid = bytes.len() / 2;
