@@ -73,4 +73,32 @@ impl Home {
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("mount.pid")
     }
+
+    /// Local changes that cannot sync and wait aside (written by the running daemon).
+    pub fn set_aside_file(&self) -> PathBuf {
+        self.root.join("set-aside.json")
+    }
+
+    /// Writes the set-aside changes for `status` (removes the file when there are none).
+    pub fn save_set_aside(&self, notes: &[crate::fs::capture::AsideNote]) {
+        let path = self.set_aside_file();
+        if notes.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        let tmp = path.with_extension("json.tmp");
+        if let Ok(b) = serde_json::to_vec_pretty(notes) {
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+
+    /// The set-aside changes the daemon last wrote.
+    pub fn load_set_aside(&self) -> Vec<crate::fs::capture::AsideNote> {
+        std::fs::read(self.set_aside_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
 }

@@ -69,6 +69,8 @@ fn name(s: &str) -> Name {
 struct Obj {
     parent: ObjectId,
     name: Name,
+    /// Other names (hard links), sorted; (parent, name) is the least name.
+    links: Vec<(ObjectId, Name)>,
     kind: ObjectKind,
     mode: u32,
     mtime_ns: i64,
@@ -81,6 +83,7 @@ fn root_obj() -> Obj {
     Obj {
         parent: ObjectId::ROOT,
         name: Name(Vec::new()),
+        links: Vec::new(),
         kind: ObjectKind::Directory,
         mode: 0o755,
         mtime_ns: 0,
@@ -92,9 +95,29 @@ fn root_obj() -> Obj {
 
 type Objects = BTreeMap<ObjectId, Obj>;
 
+fn names(o: &Obj) -> Vec<(ObjectId, Name)> {
+    let mut v = vec![(o.parent, o.name.clone())];
+    v.extend(o.links.iter().cloned());
+    v
+}
+
+fn has_name(o: &Obj, parent: ObjectId, n: &Name) -> bool {
+    (o.parent == parent && o.name == *n) || o.links.iter().any(|(p, m)| *p == parent && m == n)
+}
+
+/// Sets an object's names, the least first (as the engine and the server keep them).
+fn set_names(o: &mut Obj, mut v: Vec<(ObjectId, Name)>) {
+    v.sort();
+    v.dedup();
+    let (p, n) = v.remove(0);
+    o.parent = p;
+    o.name = n;
+    o.links = v;
+}
+
 fn name_taken(objs: &Objects, parent: ObjectId, n: &Name) -> bool {
     objs.iter()
-        .any(|(id, o)| *id != ObjectId::ROOT && o.parent == parent && o.name == *n)
+        .any(|(id, o)| *id != ObjectId::ROOT && has_name(o, parent, n))
 }
 
 fn is_dir(objs: &Objects, id: ObjectId) -> bool {
@@ -153,6 +176,7 @@ fn server_apply(objs: &mut Objects, op: &Op) -> Result<(), String> {
                 Obj {
                     parent: *parent,
                     name: name.clone(),
+                    links: Vec::new(),
                     kind: kind.clone(),
                     mode: *mode,
                     mtime_ns: *mtime_ns,
@@ -205,6 +229,9 @@ fn server_apply(objs: &mut Objects, op: &Op) -> Result<(), String> {
                 return Err("rename of the root".into());
             }
             let o = objs.get(&id).ok_or("rename of a missing object")?;
+            if !o.links.is_empty() {
+                return Err("rename of an object with several names".into());
+            }
             if !is_dir(objs, *new_parent) {
                 return Err("new parent is not a folder".into());
             }
@@ -225,10 +252,10 @@ fn server_apply(objs: &mut Objects, op: &Op) -> Result<(), String> {
                 return Err("delete of the root".into());
             }
             let o = objs.get(&id).ok_or("delete of a missing object")?;
-            if o.kind == ObjectKind::Directory && objs.values().any(|c| c.parent == id) {
-                let has = objs
-                    .iter()
-                    .any(|(cid, c)| *cid != ObjectId::ROOT && c.parent == id);
+            if o.kind == ObjectKind::Directory {
+                let has = objs.iter().any(|(cid, c)| {
+                    *cid != ObjectId::ROOT && names(c).iter().any(|(p, _)| *p == id)
+                });
                 if has {
                     return Err("delete of a non-empty folder".into());
                 }
@@ -253,6 +280,38 @@ fn server_apply(objs: &mut Objects, op: &Op) -> Result<(), String> {
         OpKind::RemoveXattr { name } => {
             let o = objs.get_mut(&id).ok_or("xattr of a missing object")?;
             o.xattrs.remove(name);
+            o.version = v;
+        }
+        OpKind::Link { parent, name } => {
+            let o = objs.get(&id).ok_or("link of a missing object")?;
+            if root || o.kind == ObjectKind::Directory {
+                return Err("link of a folder".into());
+            }
+            if !is_dir(objs, *parent) {
+                return Err("link into a non-folder".into());
+            }
+            if name_taken(objs, *parent, name) {
+                return Err(format!("name {name} taken"));
+            }
+            let o = objs.get_mut(&id).ok_or("missing")?;
+            let mut all = names(o);
+            all.push((*parent, name.clone()));
+            set_names(o, all);
+            o.version = v;
+        }
+        OpKind::Unlink { parent, name } => {
+            let o = objs.get_mut(&id).ok_or("unlink of a missing object")?;
+            if !has_name(o, *parent, name) {
+                return Err(format!("unlink of a name {name} the object does not have"));
+            }
+            if o.links.is_empty() {
+                return Err("unlink of the last name".into());
+            }
+            let all = names(o)
+                .into_iter()
+                .filter(|(p, n)| !(*p == *parent && n == name))
+                .collect();
+            set_names(o, all);
             o.version = v;
         }
     }
@@ -784,7 +843,9 @@ impl World {
                     });
                     dev.seen.entry(op.object).or_default().insert(*new_hash);
                 }
-                OpKind::Delete => {
+                // An unlink counts too: when the other names go meanwhile, the rebase turns
+                // it into the delete of the last name, made with what this device had seen.
+                OpKind::Delete | OpKind::Unlink { .. } => {
                     let seen = dev.seen.get(&op.object).cloned().unwrap_or_default();
                     self.deletes_seen.push(seen);
                 }
@@ -797,6 +858,47 @@ impl World {
         }
         dev.persisted.outbox.push(tx);
         self.pump(d);
+    }
+
+    /// `rm -r` of `id`: everything below it goes, children first. A file below it that also
+    /// has a name outside loses only the names inside (unlinks), as on a disk.
+    fn remove_ops(&self, d: usize, id: ObjectId) -> Vec<Op> {
+        let store = &self.devices[d].store;
+        let mut order = Vec::new();
+        collect_post_order(store, id, &mut order);
+        let dirs: HashSet<ObjectId> = order
+            .iter()
+            .copied()
+            .filter(|x| store[x].kind == ObjectKind::Directory)
+            .collect();
+        let mut ops = Vec::new();
+        for x in order {
+            let o = &store[&x];
+            let v = self.version(d, x);
+            let all = names(o);
+            let inside: Vec<(ObjectId, Name)> = all
+                .iter()
+                .filter(|(p, _)| dirs.contains(p))
+                .cloned()
+                .collect();
+            let kinds: Vec<OpKind> = if x != id && inside.len() < all.len() {
+                inside
+                    .into_iter()
+                    .map(|(parent, name)| OpKind::Unlink { parent, name })
+                    .collect()
+            } else {
+                vec![OpKind::Delete]
+            };
+            for (v, kind) in (v..).zip(kinds) {
+                ops.push(Op {
+                    object: x,
+                    base_version: v,
+                    new_version: v + 1,
+                    kind,
+                });
+            }
+        }
+        ops
     }
 
     fn version(&self, d: usize, id: ObjectId) -> u64 {
@@ -940,21 +1042,7 @@ impl World {
             let Some(id) = self.pick(d, |id, _| *id != ObjectId::ROOT) else {
                 return;
             };
-            let store = &self.devices[d].store;
-            let mut order = Vec::new();
-            collect_post_order(store, id, &mut order);
-            order
-                .into_iter()
-                .map(|x| {
-                    let v = self.version(d, x);
-                    Op {
-                        object: x,
-                        base_version: v,
-                        new_version: v + 1,
-                        kind: OpKind::Delete,
-                    }
-                })
-                .collect()
+            self.remove_ops(d, id)
         } else if roll < 82 {
             let Some(id) = self.pick(d, |id, _| *id != ObjectId::ROOT) else {
                 return;
@@ -973,15 +1061,77 @@ impl World {
                 return;
             }
             let v = self.version(d, id);
-            vec![Op {
-                object: id,
-                base_version: v,
-                new_version: v + 1,
-                kind: OpKind::Rename {
-                    new_parent: target,
-                    new_name: n,
-                },
-            }]
+            let o = &store[&id];
+            if o.links.is_empty() {
+                vec![Op {
+                    object: id,
+                    base_version: v,
+                    new_version: v + 1,
+                    kind: OpKind::Rename {
+                        new_parent: target,
+                        new_name: n,
+                    },
+                }]
+            } else {
+                // One name of several moves: a link of the new name, an unlink of the old.
+                let all = names(o);
+                let (op_, on) = all[self.rng.below(all.len())].clone();
+                vec![
+                    Op {
+                        object: id,
+                        base_version: v,
+                        new_version: v + 1,
+                        kind: OpKind::Link {
+                            parent: target,
+                            name: n,
+                        },
+                    },
+                    Op {
+                        object: id,
+                        base_version: v + 1,
+                        new_version: v + 2,
+                        kind: OpKind::Unlink {
+                            parent: op_,
+                            name: on,
+                        },
+                    },
+                ]
+            }
+        } else if roll < 87 {
+            // Hard links: a second name for a file, or one of several names taken away.
+            let Some(id) = self.pick(d, files) else {
+                return;
+            };
+            let store = &self.devices[d].store;
+            let o = &store[&id];
+            let v = self.version(d, id);
+            if !o.links.is_empty() && self.rng.chance(50) {
+                let all = names(o);
+                let (parent, n) = all[self.rng.below(all.len())].clone();
+                vec![Op {
+                    object: id,
+                    base_version: v,
+                    new_version: v + 1,
+                    kind: OpKind::Unlink { parent, name: n },
+                }]
+            } else {
+                let Some(target) = self.pick(d, dirs) else {
+                    return;
+                };
+                let n = name(FILE_NAMES[self.rng.below(FILE_NAMES.len())]);
+                if name_taken(&self.devices[d].store, target, &n) {
+                    return;
+                }
+                vec![Op {
+                    object: id,
+                    base_version: v,
+                    new_version: v + 1,
+                    kind: OpKind::Link {
+                        parent: target,
+                        name: n,
+                    },
+                }]
+            }
         } else if roll < 91 {
             let Some(id) = self.pick(d, |_, _| true) else {
                 return;
@@ -1136,6 +1286,7 @@ fn obj_of(s: &ObjectState, content: Vec<u8>) -> Obj {
     Obj {
         parent: s.parent,
         name: s.name.clone(),
+        links: s.links.clone(),
         kind: s.kind.clone(),
         mode: s.mode,
         mtime_ns: s.mtime_ns,
@@ -1148,13 +1299,16 @@ fn obj_of(s: &ObjectState, content: Vec<u8>) -> Obj {
 fn collect_post_order(store: &Objects, id: ObjectId, out: &mut Vec<ObjectId>) {
     let children: Vec<ObjectId> = store
         .iter()
-        .filter(|(c, o)| **c != ObjectId::ROOT && o.parent == id)
+        .filter(|(c, o)| **c != ObjectId::ROOT && names(o).iter().any(|(p, _)| *p == id))
         .map(|(c, _)| *c)
         .collect();
     for c in children {
         collect_post_order(store, c, out);
     }
-    out.push(id);
+    // A file with two names in the tree is visited once.
+    if !out.contains(&id) {
+        out.push(id);
+    }
 }
 
 fn describe_ops(tx: &Transaction) -> String {
@@ -1177,6 +1331,8 @@ fn describe_ops(tx: &Transaction) -> String {
             OpKind::Delete => "delete".into(),
             OpKind::SetAttr { .. } => "setattr".into(),
             OpKind::SetXattr { .. } | OpKind::RemoveXattr { .. } => "xattr".into(),
+            OpKind::Link { parent, name } => format!("link {}/{name}", &parent.to_hex()[..6]),
+            OpKind::Unlink { parent, name } => format!("unlink {}/{name}", &parent.to_hex()[..6]),
         };
         out.push_str(&format!(
             " [{} v{}->{} {what}]",
@@ -1248,33 +1404,41 @@ fn describe(a: &Action) -> String {
 /// The tree as sorted `path → description` lines.
 fn listing(objs: &Objects) -> Vec<String> {
     let mut out = Vec::new();
-    for (id, o) in objs {
+    for (id, whole) in objs {
         if *id == ObjectId::ROOT {
             continue;
         }
-        let mut path = vec![o.name.to_string()];
-        let mut at = o.parent;
-        let mut steps = 0;
-        while at != ObjectId::ROOT && steps < objs.len() {
-            match objs.get(&at) {
-                Some(p) => {
-                    path.push(p.name.to_string());
-                    at = p.parent;
+        for (parent, n) in names(whole) {
+            let o = whole;
+            let mut path = vec![n.to_string()];
+            let mut at = parent;
+            let mut steps = 0;
+            while at != ObjectId::ROOT && steps < objs.len() {
+                match objs.get(&at) {
+                    Some(p) => {
+                        path.push(p.name.to_string());
+                        at = p.parent;
+                    }
+                    None => {
+                        path.push("?".into());
+                        break;
+                    }
                 }
-                None => {
-                    path.push("?".into());
-                    break;
-                }
+                steps += 1;
             }
-            steps += 1;
+            path.reverse();
+            let what = match &o.kind {
+                ObjectKind::Directory => "/".to_string(),
+                ObjectKind::File => format!(" = {:?}", String::from_utf8_lossy(&o.content)),
+                ObjectKind::Symlink { .. } => " -> link".to_string(),
+            };
+            let shared = if o.links.is_empty() {
+                String::new()
+            } else {
+                format!(" (one of {} names)", o.links.len() + 1)
+            };
+            out.push(format!("{}{what}{shared}", path.join("/")));
         }
-        path.reverse();
-        let what = match &o.kind {
-            ObjectKind::Directory => "/".to_string(),
-            ObjectKind::File => format!(" = {:?}", String::from_utf8_lossy(&o.content)),
-            ObjectKind::Symlink { .. } => " -> link".to_string(),
-        };
-        out.push(format!("{}{what}", path.join("/")));
     }
     out.sort();
     out
@@ -1348,7 +1512,7 @@ impl World {
             at = *self.devices[d]
                 .store
                 .iter()
-                .find(|(id, o)| **id != ObjectId::ROOT && o.parent == at && o.name == n)
+                .find(|(id, o)| **id != ObjectId::ROOT && has_name(o, at, &n))
                 .unwrap_or_else(|| panic!("dev{d}: no {path}"))
                 .0;
         }
@@ -1412,20 +1576,7 @@ impl World {
 
     fn remove(&mut self, d: usize, path: &str) {
         let id = self.resolve(d, path);
-        let mut order = Vec::new();
-        collect_post_order(&self.devices[d].store, id, &mut order);
-        let ops = order
-            .into_iter()
-            .map(|x| {
-                let v = self.version(d, x);
-                Op {
-                    object: x,
-                    base_version: v,
-                    new_version: v + 1,
-                    kind: OpKind::Delete,
-                }
-            })
-            .collect();
+        let ops = self.remove_ops(d, id);
         self.commit(d, ops);
     }
 
@@ -1441,6 +1592,34 @@ impl World {
                 new_parent,
                 new_name,
             },
+        };
+        self.commit(d, vec![op]);
+    }
+
+    /// `ln path to`: one more name for the file at `path`.
+    fn link(&mut self, d: usize, path: &str, to: &str) {
+        let id = self.resolve(d, path);
+        let (parent, n) = self.split(d, to);
+        let v = self.version(d, id);
+        let op = Op {
+            object: id,
+            base_version: v,
+            new_version: v + 1,
+            kind: OpKind::Link { parent, name: n },
+        };
+        self.commit(d, vec![op]);
+    }
+
+    /// `rm path` of one of several names: the name goes, the file stays.
+    fn unlink(&mut self, d: usize, path: &str) {
+        let id = self.resolve(d, path);
+        let (parent, n) = self.split(d, path);
+        let v = self.version(d, id);
+        let op = Op {
+            object: id,
+            base_version: v,
+            new_version: v + 1,
+            kind: OpKind::Unlink { parent, name: n },
         };
         self.commit(d, vec![op]);
     }
@@ -1747,6 +1926,97 @@ fn row_chmod_chmod_and_xattr_xattr_first_wins_per_attribute() {
     assert_eq!(
         xattrs.get(b"user.other".as_slice()),
         Some(&b"second".to_vec())
+    );
+}
+
+#[test]
+fn row_link_then_edit_through_the_first_name_is_one_file_with_the_edit() {
+    let mut w = row(
+        with_f,
+        |w| w.link(0, "f.txt", "n.txt"),
+        |w| w.edit(1, "f.txt", "b1"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&[
+            "f.txt = \"b1\" (one of 2 names)",
+            "n.txt = \"b1\" (one of 2 names)"
+        ])
+    );
+}
+
+#[test]
+fn row_unlink_one_name_vs_edit_through_the_other_keeps_the_file_with_the_edit() {
+    let mut w = row(
+        |w| {
+            with_f(w);
+            w.link(0, "f.txt", "n.txt");
+        },
+        |w| w.unlink(0, "f.txt"),
+        |w| w.edit(1, "n.txt", "b1"),
+    );
+    assert_eq!(w.outcome(), lines(&["n.txt = \"b1\""]));
+}
+
+#[test]
+fn row_same_new_name_for_two_files_keeps_the_first_and_copies_the_second() {
+    let mut w = row(
+        |w| {
+            with_f(w);
+            w.mkfile(0, "g.txt", "g0");
+        },
+        |w| w.link(0, "f.txt", "n.txt"),
+        |w| w.link(1, "g.txt", "n.txt"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&[
+            "f.txt = \"v0\" (one of 2 names)",
+            "n.txt = \"v0\" (one of 2 names)",
+            "g.txt = \"g0\" (one of 2 names)",
+            "n (conflicted copy dev1).txt = \"g0\" (one of 2 names)",
+        ])
+    );
+}
+
+#[test]
+fn row_rename_one_name_over_another_vs_delete_keeps_one_name() {
+    // rename(N, F) where both name one file changes nothing (POSIX); the other device's
+    // delete of F then leaves the file with the one name N.
+    let mut w = row(
+        |w| {
+            with_f(w);
+            w.link(0, "f.txt", "n.txt");
+        },
+        |_| {},
+        |w| w.unlink(1, "f.txt"),
+    );
+    assert_eq!(w.outcome(), lines(&["n.txt = \"v0\""]));
+}
+
+#[test]
+fn a_delete_takes_every_name_also_one_added_meanwhile() {
+    let mut w = row(
+        with_f,
+        |w| w.link(0, "f.txt", "n.txt"),
+        |w| w.remove(1, "f.txt"),
+    );
+    assert_eq!(w.outcome(), Vec::<String>::new());
+}
+
+#[test]
+fn a_rename_of_a_file_that_gained_a_name_moves_the_name_it_knew() {
+    let mut w = row(
+        with_f,
+        |w| w.link(0, "f.txt", "n.txt"),
+        |w| w.rename(1, "f.txt", "g.txt"),
+    );
+    assert_eq!(
+        w.outcome(),
+        lines(&[
+            "g.txt = \"v0\" (one of 2 names)",
+            "n.txt = \"v0\" (one of 2 names)"
+        ])
     );
 }
 

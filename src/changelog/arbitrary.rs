@@ -87,6 +87,8 @@ fn arb_edit_kind() -> impl Strategy<Value = OpKind> {
         }),
         Just(OpKind::Delete),
         arb_attr_kind(),
+        (arb_object_id(), arb_name()).prop_map(|(parent, name)| OpKind::Link { parent, name }),
+        (arb_object_id(), arb_name()).prop_map(|(parent, name)| OpKind::Unlink { parent, name }),
     ]
 }
 
@@ -131,7 +133,9 @@ pub(crate) fn arb_op() -> impl Strategy<Value = Op> {
             }),
         (arb_non_root_id(), 0u64..(1 << 62), arb_edit_kind())
             .prop_filter("not own parent", |(object, _, kind)| {
-                !matches!(kind, OpKind::Rename { new_parent, .. } if new_parent == object)
+                !matches!(kind, OpKind::Rename { new_parent: p, .. }
+                    | OpKind::Link { parent: p, .. }
+                    | OpKind::Unlink { parent: p, .. } if p == object)
             })
             .prop_map(|(object, base_version, kind)| Op {
                 object,

@@ -20,8 +20,12 @@ use super::validate::{validate, validate_transaction, ValidationError};
 pub const CHANGELOG_MAGIC: [u8; 4] = *b"DDCL";
 /// Magic bytes of one encoded transaction (what the server stores per log entry).
 pub const TRANSACTION_MAGIC: [u8; 4] = *b"DDTX";
-/// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest format version this build writes and reads. A log is written in version 1
+/// unless it holds an op that only version 2 has (`Link`, `Unlink`), so what older builds
+/// wrote and read stays byte for byte the same.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u16 = 1;
 /// Length of the uncompressed header: magic, version, reserved, two lengths, body check.
 pub const HEADER_LEN: usize = 32;
 /// zstd level used for the body.
@@ -39,6 +43,8 @@ const OP_DELETE: u8 = 5;
 const OP_SET_ATTR: u8 = 6;
 const OP_SET_XATTR: u8 = 7;
 const OP_REMOVE_XATTR: u8 = 8;
+const OP_LINK: u8 = 9;
+const OP_UNLINK: u8 = 10;
 const KIND_FILE: u8 = 1;
 const KIND_DIRECTORY: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
@@ -65,12 +71,14 @@ pub enum DecodeError {
         expected_what: &'static str,
     },
     #[error(
-        "unsupported change-log format version {found} (this build reads {FORMAT_VERSION}); \
-         upgrade deltadrive to read it"
+        "unsupported change-log format version {found} (this build reads \
+         {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); upgrade deltadrive to read it"
     )]
     UnsupportedVersion { found: u16 },
     #[error("reserved header field is {found:#06x}, must be 0 in format version {FORMAT_VERSION}")]
     ReservedNotZero { found: u16 },
+    #[error("op tag {tag} at byte {offset} needs format version 2, but the header says 1")]
+    TagNeedsNewerVersion { tag: u8, offset: usize },
     #[error("declared body size {declared} bytes exceeds the limit of {MAX_BODY_LEN} bytes")]
     BodyTooLarge { declared: u64 },
     #[error(
@@ -134,7 +142,13 @@ pub fn encode_changelog(log: &ChangeLog) -> Vec<u8> {
     for transaction in &log.transactions {
         put_transaction(&mut body, transaction);
     }
-    frame(CHANGELOG_MAGIC, &body)
+    let version = log
+        .transactions
+        .iter()
+        .map(version_needed)
+        .max()
+        .unwrap_or(OLDEST_FORMAT_VERSION);
+    frame_version(CHANGELOG_MAGIC, version, &body)
 }
 
 /// Encodes a change log after checking that the result will decode.
@@ -153,7 +167,7 @@ pub fn encode_changelog_checked(log: &ChangeLog) -> Result<Vec<u8>, EncodeError>
 pub fn encode_transaction(transaction: &Transaction) -> Vec<u8> {
     let mut body = Vec::new();
     put_transaction(&mut body, transaction);
-    frame(TRANSACTION_MAGIC, &body)
+    frame_version(TRANSACTION_MAGIC, version_needed(transaction), &body)
 }
 
 /// Encodes one transaction after checking that the result will decode.
@@ -173,8 +187,9 @@ pub fn encode_transaction_checked(transaction: &Transaction) -> Result<Vec<u8>, 
 /// A [`DecodeError`] saying what is wrong with the input: not a change log, a version this
 /// build does not read, corruption, a limit exceeded, or a validation rule broken.
 pub fn decode_changelog(input: &[u8]) -> Result<ChangeLog, DecodeError> {
-    let body = unframe(input, CHANGELOG_MAGIC, "change log")?;
+    let (version, body) = unframe(input, CHANGELOG_MAGIC, "change log")?;
     let mut reader = Reader::new(&body);
+    reader.version = version;
     let count = reader.count("transaction count", MAX_TRANSACTIONS_PER_LOG)?;
     let mut transactions = Vec::with_capacity(reader.capacity_for(count, MIN_TRANSACTION_LEN));
     for _ in 0..count {
@@ -191,8 +206,9 @@ pub fn decode_changelog(input: &[u8]) -> Result<ChangeLog, DecodeError> {
 /// # Errors
 /// As [`decode_changelog`].
 pub fn decode_transaction(input: &[u8]) -> Result<Transaction, DecodeError> {
-    let body = unframe(input, TRANSACTION_MAGIC, "transaction")?;
+    let (version, body) = unframe(input, TRANSACTION_MAGIC, "transaction")?;
     let mut reader = Reader::new(&body);
+    reader.version = version;
     let transaction = reader.transaction()?;
     reader.finish()?;
     validate_transaction(&transaction)?;
@@ -245,12 +261,32 @@ fn body_check(compressed: &[u8]) -> [u8; 8] {
     check
 }
 
-/// Frames `body` with a header: compresses it and writes the header before it.
+/// The oldest format version that can hold `transaction`: 2 if it names an object twice
+/// (`Link`, `Unlink`), else 1.
+pub fn version_needed(transaction: &Transaction) -> u16 {
+    if transaction
+        .ops
+        .iter()
+        .any(|op| matches!(op.kind, OpKind::Link { .. } | OpKind::Unlink { .. }))
+    {
+        2
+    } else {
+        OLDEST_FORMAT_VERSION
+    }
+}
+
+/// Frames `body` with a header of the newest version (tests build bodies by hand with it).
+#[cfg(test)]
 pub(crate) fn frame(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
+    frame_version(magic, FORMAT_VERSION, body)
+}
+
+/// Frames `body` with a header: compresses it and writes the header before it.
+pub(crate) fn frame_version(magic: [u8; 4], version: u16, body: &[u8]) -> Vec<u8> {
     let compressed = compress(body);
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
     out.extend_from_slice(&magic);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&len_u64(body.len()).to_le_bytes());
     out.extend_from_slice(&len_u64(compressed.len()).to_le_bytes());
@@ -259,7 +295,12 @@ pub(crate) fn frame(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn unframe(input: &[u8], magic: [u8; 4], what: &'static str) -> Result<Vec<u8>, DecodeError> {
+/// Checks the header and decompresses the body; returns the format version and the body.
+fn unframe(
+    input: &[u8],
+    magic: [u8; 4],
+    what: &'static str,
+) -> Result<(u16, Vec<u8>), DecodeError> {
     if input.len() < HEADER_LEN {
         return Err(DecodeError::TooShort { len: input.len() });
     }
@@ -278,7 +319,7 @@ fn unframe(input: &[u8], magic: [u8; 4], what: &'static str) -> Result<Vec<u8>, 
         });
     }
     let version = u16::from_le_bytes([header[4], header[5]]);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(DecodeError::UnsupportedVersion { found: version });
     }
     let reserved = u16::from_le_bytes([header[6], header[7]]);
@@ -320,7 +361,7 @@ fn unframe(input: &[u8], magic: [u8; 4], what: &'static str) -> Result<Vec<u8>, 
     if actual != declared {
         return Err(DecodeError::BodyLengthMismatch { declared, actual });
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -446,6 +487,16 @@ fn put_op(out: &mut Vec<u8>, op: &Op) {
             out.push(OP_REMOVE_XATTR);
             put_bytes(out, name);
         }
+        OpKind::Link { parent, name } => {
+            out.push(OP_LINK);
+            out.extend_from_slice(&parent.0);
+            put_bytes(out, name.as_bytes());
+        }
+        OpKind::Unlink { parent, name } => {
+            out.push(OP_UNLINK);
+            out.extend_from_slice(&parent.0);
+            put_bytes(out, name.as_bytes());
+        }
     }
 }
 
@@ -465,6 +516,8 @@ struct Reader<'a> {
     ops_seen: u64,
     /// Ranges decoded so far, against [`MAX_RANGES_PER_LOG`].
     ranges_seen: u64,
+    /// The header's format version: ops newer than it are refused.
+    version: u16,
 }
 
 impl<'a> Reader<'a> {
@@ -474,6 +527,7 @@ impl<'a> Reader<'a> {
             offset: 0,
             ops_seen: 0,
             ranges_seen: 0,
+            version: FORMAT_VERSION,
         }
     }
 
@@ -741,6 +795,20 @@ impl<'a> Reader<'a> {
                 name: self
                     .bytes("xattr name length", MAX_XATTR_NAME_LEN)?
                     .to_vec(),
+            },
+            OP_LINK | OP_UNLINK if self.version < 2 => {
+                return Err(DecodeError::TagNeedsNewerVersion {
+                    tag,
+                    offset: tag_offset,
+                })
+            }
+            OP_LINK => OpKind::Link {
+                parent: self.object_id("Link parent")?,
+                name: self.name("Link name length")?,
+            },
+            OP_UNLINK => OpKind::Unlink {
+                parent: self.object_id("Unlink parent")?,
+                name: self.name("Unlink name length")?,
             },
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -1026,6 +1094,65 @@ mod tests {
         );
     }
 
+    fn link_log() -> ChangeLog {
+        let file = ObjectId([0x22; 16]);
+        let mut log = doc_example();
+        let ops = &mut log.transactions[0].ops;
+        ops.push(op(
+            file,
+            1,
+            OpKind::Link {
+                parent: ObjectId::ROOT,
+                name: Name(b"b.txt".to_vec()),
+            },
+        ));
+        ops.push(op(
+            file,
+            2,
+            OpKind::Unlink {
+                parent: ObjectId::ROOT,
+                name: Name(b"a.txt".to_vec()),
+            },
+        ));
+        log
+    }
+
+    #[test]
+    fn names_need_version_2_and_everything_else_stays_version_1() {
+        // A log without Link/Unlink is written exactly as version 1 wrote it.
+        assert_eq!(&encode_changelog(&doc_example())[4..6], &[1, 0]);
+        assert_eq!(
+            &encode_transaction(&doc_example().transactions[0])[4..6],
+            &[1, 0]
+        );
+        // With them it is version 2, and it round-trips.
+        let log = link_log();
+        let encoded = encode_changelog_checked(&log).expect("valid");
+        assert_eq!(&encoded[4..6], &[2, 0]);
+        assert_eq!(decode_changelog(&encoded).expect("decodes"), log);
+        let tx = encode_transaction_checked(&log.transactions[0]).expect("valid");
+        assert_eq!(&tx[4..6], &[2, 0]);
+        assert_eq!(
+            decode_transaction(&tx).expect("decodes"),
+            log.transactions[0]
+        );
+        // A version-1 header cannot carry the new tags: an old writer never made them.
+        let mut body = Vec::new();
+        put_varint(&mut body, 1);
+        put_transaction(&mut body, &log.transactions[0]);
+        let err = decode_changelog(&frame_version(CHANGELOG_MAGIC, 1, &body))
+            .expect_err("a Link under a version-1 header");
+        assert!(
+            matches!(err, DecodeError::TagNeedsNewerVersion { tag: OP_LINK, .. }),
+            "{err:?}"
+        );
+        // The version-1 doc example still reads under this build.
+        assert_eq!(
+            decode_changelog(&unhex(DOC_EXAMPLE_ENCODED)).expect("v1"),
+            doc_example()
+        );
+    }
+
     #[test]
     fn header_layout_is_as_documented() {
         let encoded = encode_changelog(&sample_log());
@@ -1063,8 +1190,8 @@ mod tests {
         let err = decode_changelog(&v7).expect_err("version 7");
         assert_eq!(
             err.to_string(),
-            "unsupported change-log format version 7 (this build reads 1); upgrade deltadrive \
-             to read it"
+            "unsupported change-log format version 7 (this build reads 1 to 2); upgrade \
+             deltadrive to read it"
         );
 
         let mut reserved = encoded.clone();

@@ -168,7 +168,8 @@ pub enum OpKind {
         new_size: u64,
         new_hash: ContentHash,
     },
-    /// Moves the object to another folder and/or name.
+    /// Moves the object to another folder and/or name. Only for an object with one name: a
+    /// name of an object with several moves as `Link` of the new name and `Unlink` of the old.
     Rename {
         new_parent: ObjectId,
         new_name: Name,
@@ -184,6 +185,12 @@ pub enum OpKind {
     SetXattr { name: Vec<u8>, value: Vec<u8> },
     /// Removes an extended attribute.
     RemoveXattr { name: Vec<u8> },
+    /// Gives a file or symlink one more name, `name` in folder `parent` (a hard link): the
+    /// names are one object, with one content. Format version 2.
+    Link { parent: ObjectId, name: Name },
+    /// Takes one name away from an object that has several (removing the last name is a
+    /// `Delete`). Format version 2.
+    Unlink { parent: ObjectId, name: Name },
 }
 
 /// One change to one object.

@@ -14,8 +14,9 @@
 //!    has a valid name ([`Name::check`]), mode at most [`MAX_MODE`], and a symlink target of
 //!    1..=[`MAX_SYMLINK_TARGET_LEN`] bytes without NUL.
 //! 5. [`ObjectId::ROOT`] only takes `SetAttr`, `SetXattr` and `RemoveXattr`: never `Create`,
-//!    `Write`, `Truncate`, `Rename` or `Delete`.
-//! 6. `Rename` has a valid new name and does not move an object into itself.
+//!    `Write`, `Truncate`, `Rename`, `Delete`, `Link` or `Unlink`.
+//! 6. `Rename`, `Link` and `Unlink` have a valid name in a folder that is not the object
+//!    itself (format version 2 adds `Link` and `Unlink`).
 //! 7. `Write`: `new_size <= MAX_FILE_SIZE`; `Whole` content is exactly `new_size` bytes;
 //!    `Ranges` states the same `new_size` as the op, has at most [`MAX_RANGES_PER_DELTA`]
 //!    ranges, each non-empty and lying within `new_size`; the payload of any delta is at most
@@ -293,6 +294,8 @@ fn op_name(kind: &OpKind) -> &'static str {
         OpKind::SetAttr { .. } => "SetAttr",
         OpKind::SetXattr { .. } => "SetXattr",
         OpKind::RemoveXattr { .. } => "RemoveXattr",
+        OpKind::Link { .. } => "Link",
+        OpKind::Unlink { .. } => "Unlink",
     }
 }
 
@@ -379,6 +382,12 @@ fn check_op(op: &Op) -> Result<(), Violation> {
             }
         }
         OpKind::RemoveXattr { name } => check_xattr_name(name)?,
+        OpKind::Link { parent, name } | OpKind::Unlink { parent, name } => {
+            if *parent == op.object {
+                return Err(Violation::OwnParent);
+            }
+            check_name(name)?;
+        }
     }
     Ok(())
 }

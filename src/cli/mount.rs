@@ -343,6 +343,9 @@ struct StatusReport {
     content: Option<crate::fs::ondemand::ContentCounts>,
     /// Bytes of online-only content fetched since the mount started.
     fetched_bytes: u64,
+    /// Local changes the sync engine refused: they wait aside and are retried, while every
+    /// other change syncs.
+    set_aside: Vec<crate::fs::capture::AsideNote>,
 }
 
 #[derive(serde::Serialize)]
@@ -431,6 +434,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         last_error: sync_report.last_error.clone(),
         content,
         fetched_bytes: sync_report.fetched_bytes,
+        set_aside: if rec.is_some() || watching.is_some() {
+            home.load_set_aside()
+        } else {
+            Vec::new()
+        },
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -490,6 +498,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(e) = &report.last_error {
         println!("last error:      {e}");
+    }
+    if !report.set_aside.is_empty() {
+        println!(
+            "set aside:       {} change(s) cannot sync and are retried; everything else syncs",
+            report.set_aside.len()
+        );
+        for n in &report.set_aside {
+            println!("  {} (tried {} time(s)): {}", n.path, n.attempts, n.reason);
+        }
     }
     Ok(())
 }
@@ -574,6 +591,8 @@ pub fn outbox(args: StatusArgs) -> anyhow::Result<()> {
                 OpKind::RemoveXattr { name } => {
                     format!("removexattr {}", String::from_utf8_lossy(name))
                 }
+                OpKind::Link { name, .. } => format!("link as {name}"),
+                OpKind::Unlink { name, .. } => format!("unlink {name}"),
             };
             println!(
                 "  {} v{}->v{} {what}",

@@ -79,6 +79,9 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                 OpKind::Rename { new_parent, .. } => {
                     wanted_parents.insert(*new_parent);
                 }
+                OpKind::Link { parent, .. } => {
+                    wanted_parents.insert(*parent);
+                }
                 _ => {}
             }
         }
@@ -266,7 +269,7 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
             let object = map(&merged, original);
             let p = prior.get(object);
             let now = s1.get(object);
-            let kind = match &op.kind {
+            let kinds: Vec<OpKind> = match &op.kind {
                 OpKind::Create {
                     parent,
                     name,
@@ -308,21 +311,22 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                             _ => name = copy_name(&w, parent, &name, &no_reserved),
                         }
                     }
-                    OpKind::Create {
+                    vec![OpKind::Create {
                         parent,
                         name,
                         kind: kind.clone(),
                         mode: *mode,
                         mtime_ns: *mtime_ns,
-                    }
+                    }]
                 }
                 OpKind::Rename {
                     new_parent,
                     new_name,
                 } => {
                     if let (Some(p), Some(n)) = (p, now) {
-                        // rename/rename: the first (remote) wins.
-                        if p.parent != n.parent || p.name != n.name {
+                        // rename/rename: the first (remote) wins. The name this device moved
+                        // is gone from the server's object: the remote moved or removed it.
+                        if !n.has_name(p.parent, &p.name) {
                             continue;
                         }
                     }
@@ -344,10 +348,71 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                             }
                         }
                     }
-                    OpKind::Rename {
-                        new_parent,
-                        new_name,
+                    if cur.name_count() > 1 {
+                        // The remote gave the file more names meanwhile: this device's move
+                        // is of the one name it knew, as link and unlink.
+                        let (old_parent, old_name) = match p {
+                            Some(p) => (p.parent, p.name.clone()),
+                            None => (cur.parent, cur.name.clone()),
+                        };
+                        if cur.has_name(new_parent, &new_name) {
+                            continue;
+                        }
+                        let mut kinds = vec![OpKind::Link {
+                            parent: new_parent,
+                            name: new_name,
+                        }];
+                        if cur.has_name(old_parent, &old_name) {
+                            kinds.push(OpKind::Unlink {
+                                parent: old_parent,
+                                name: old_name,
+                            });
+                        }
+                        kinds
+                    } else {
+                        vec![OpKind::Rename {
+                            new_parent,
+                            new_name,
+                        }]
                     }
+                }
+                OpKind::Link { parent, name } => {
+                    let Some(cur) = w.get(object) else { continue };
+                    if cur.is_dir() {
+                        continue;
+                    }
+                    let parent = map(&merged, *parent);
+                    let parent = if w.get(parent).map(|o| o.is_dir()).unwrap_or(false) {
+                        parent
+                    } else {
+                        ObjectId::ROOT
+                    };
+                    let mut name = name.clone();
+                    match w.lookup(parent, &name) {
+                        Some(other) if other == object => continue,
+                        // Two devices gave the same name to different files: the first
+                        // keeps it, the second gets a conflicted-copy name.
+                        Some(_) => name = copy_name(&w, parent, &name, &no_reserved),
+                        None => {}
+                    }
+                    vec![OpKind::Link { parent, name }]
+                }
+                OpKind::Unlink { parent, name } => {
+                    let Some(cur) = w.get(object) else { continue };
+                    let parent = map(&merged, *parent);
+                    if !cur.has_name(parent, name) {
+                        continue;
+                    }
+                    if cur.name_count() < 2 {
+                        // The remote took the file's other names away meanwhile: this one is
+                        // its last. An unlink never deletes: the file stays under it, so no
+                        // version anyone saved can go with it.
+                        continue;
+                    }
+                    vec![OpKind::Unlink {
+                        parent,
+                        name: name.clone(),
+                    }]
                 }
                 OpKind::Delete => {
                     let Some(cur) = w.get(object) else { continue };
@@ -361,7 +426,9 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                     if cur.is_dir() && w.child_count(object) > 0 {
                         continue;
                     }
-                    OpKind::Delete
+                    // A delete takes every name, also names the remote added meanwhile: the
+                    // file is gone here, with its content (an edit still beats it, above).
+                    vec![OpKind::Delete]
                 }
                 OpKind::SetAttr { mode, mtime_ns } => {
                     let (mut mode, mut mtime_ns) = (*mode, *mtime_ns);
@@ -377,7 +444,7 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                     if mode.is_none() && mtime_ns.is_none() {
                         continue;
                     }
-                    OpKind::SetAttr { mode, mtime_ns }
+                    vec![OpKind::SetAttr { mode, mtime_ns }]
                 }
                 OpKind::SetXattr { name, .. } | OpKind::RemoveXattr { name } => {
                     if let (Some(p), Some(n)) = (p, now) {
@@ -385,22 +452,24 @@ pub(crate) fn rebase(input: RebaseInput<'_>, rng: &mut SeededRng) -> Rebased {
                             continue;
                         }
                     }
-                    op.kind.clone()
+                    vec![op.kind.clone()]
                 }
-                OpKind::Write { .. } | OpKind::Truncate { .. } => op.kind.clone(),
+                OpKind::Write { .. } | OpKind::Truncate { .. } => vec![op.kind.clone()],
             };
-            let base = w.version(object);
-            let new_op = Op {
-                object,
-                base_version: base,
-                new_version: base + 1,
-                kind,
-            };
-            match w.apply_op(&new_op) {
-                Ok(()) => ops.push(new_op),
-                Err(_) => {
-                    if is_content_op(&new_op.kind) {
-                        late_conflicts.insert(original);
+            for kind in kinds {
+                let base = w.version(object);
+                let new_op = Op {
+                    object,
+                    base_version: base,
+                    new_version: base + 1,
+                    kind,
+                };
+                match w.apply_op(&new_op) {
+                    Ok(()) => ops.push(new_op),
+                    Err(_) => {
+                        if is_content_op(&new_op.kind) {
+                            late_conflicts.insert(original);
+                        }
                     }
                 }
             }
@@ -475,6 +544,7 @@ fn copy_of(
             id: ObjectId(target_id),
             parent,
             name,
+            links: Vec::new(),
             kind: ObjectKind::File,
             mode: mine.mode,
             mtime_ns: mine.mtime_ns,

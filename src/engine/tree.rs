@@ -1,8 +1,8 @@
 //! The engine's model of one tree: the metadata of every object (no file content, only its
 //! hash and size), indexed by id and by (parent, name).
 //!
-//! What always holds: every entry of the name index points at an object whose parent and name
-//! it is; the root folder ([`ObjectId::ROOT`]) is always present and never in the name index.
+//! What always holds: every entry of the name index points at an object that has that name
+//! (an object may have several: hard links; a folder has one); the root folder ([`ObjectId::ROOT`]) is always present and never in the name index.
 //! A checked apply ([`Tree::apply_transaction`]) enforces the same rules as the server's
 //! storage role (`src/server/storage.rs`): base versions, parent exists and is a folder, names
 //! free, no cycles, only empty folders deleted, content ops only on files whose current hash is
@@ -21,6 +21,10 @@ pub struct ObjectState {
     pub parent: ObjectId,
     /// The entry name in `parent` (empty only for the root).
     pub name: Name,
+    /// The object's other names (hard links), sorted; `(parent, name)` is always the least
+    /// of all its names, so every device that applies the same ops holds the same first
+    /// name. Empty for folders and for most files.
+    pub links: Vec<(ObjectId, Name)>,
     pub kind: ObjectKind,
     pub mode: u32,
     pub mtime_ns: i64,
@@ -42,6 +46,7 @@ impl ObjectState {
             id: ObjectId::ROOT,
             parent: ObjectId::ROOT,
             name: Name(Vec::new()),
+            links: Vec::new(),
             kind: ObjectKind::Directory,
             mode: 0o755,
             mtime_ns: 0,
@@ -61,6 +66,51 @@ impl ObjectState {
     /// Whether the object is a regular file.
     pub fn is_file(&self) -> bool {
         self.kind == ObjectKind::File
+    }
+
+    /// Every name of the object, the first one first.
+    pub fn names(&self) -> impl Iterator<Item = (ObjectId, &Name)> {
+        std::iter::once((self.parent, &self.name)).chain(self.links.iter().map(|(p, n)| (*p, n)))
+    }
+
+    /// How many names the object has.
+    pub fn name_count(&self) -> usize {
+        1 + self.links.len()
+    }
+
+    /// Whether `name` in `parent` is one of the object's names.
+    pub fn has_name(&self, parent: ObjectId, name: &Name) -> bool {
+        self.names().any(|(p, n)| p == parent && n == name)
+    }
+
+    /// Replaces the object's names (at least one) and puts them in canonical order.
+    pub fn set_names(&mut self, mut names: Vec<(ObjectId, Name)>) {
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return;
+        }
+        let first = names.remove(0);
+        self.parent = first.0;
+        self.name = first.1;
+        self.links = names;
+    }
+
+    /// Adds a name (kept canonical).
+    pub fn add_name(&mut self, parent: ObjectId, name: Name) {
+        let mut all: Vec<(ObjectId, Name)> = self.names().map(|(p, n)| (p, n.clone())).collect();
+        all.push((parent, name));
+        self.set_names(all);
+    }
+
+    /// Removes a name, unless it is the last one (kept canonical).
+    pub fn remove_name(&mut self, parent: ObjectId, name: &Name) {
+        let all: Vec<(ObjectId, Name)> = self
+            .names()
+            .filter(|(p, n)| !(*p == parent && *n == name))
+            .map(|(p, n)| (p, n.clone()))
+            .collect();
+        self.set_names(all);
     }
 }
 
@@ -91,6 +141,40 @@ pub enum TreeError {
     BaseHash(ObjectId),
     #[error("the root folder cannot be created, renamed, written or deleted")]
     Root,
+    #[error("object {0} is a folder: a folder has exactly one name")]
+    FolderLink(ObjectId),
+    #[error("object {object} has no name {name} in folder {parent}")]
+    NoSuchName {
+        object: ObjectId,
+        parent: ObjectId,
+        name: Name,
+    },
+    #[error("object {0}: its last name goes with a delete, not an unlink")]
+    LastName(ObjectId),
+    #[error("object {0} has several names: one of them moves by link and unlink")]
+    SeveralNames(ObjectId),
+}
+
+impl TreeError {
+    /// The object the refusal is about.
+    pub fn object(&self) -> Option<ObjectId> {
+        match self {
+            TreeError::StaleBase { object, .. } | TreeError::NoSuchName { object, .. } => {
+                Some(*object)
+            }
+            TreeError::Missing(o)
+            | TreeError::Exists(o)
+            | TreeError::Cycle(o)
+            | TreeError::NotEmpty(o)
+            | TreeError::NotAFile(o)
+            | TreeError::BaseHash(o)
+            | TreeError::FolderLink(o)
+            | TreeError::LastName(o)
+            | TreeError::SeveralNames(o)
+            | TreeError::BadParent(o) => Some(*o),
+            TreeError::NameTaken { .. } | TreeError::Root => None,
+        }
+    }
 }
 
 /// A tree of objects with a name index.
@@ -217,9 +301,9 @@ impl Tree {
             return;
         }
         self.remove(o.id);
-        {
-            self.entries.insert((o.parent, o.name.clone()), o.id);
-            *self.children.entry(o.parent).or_insert(0) += 1;
+        for (parent, name) in o.names() {
+            self.entries.insert((parent, name.clone()), o.id);
+            *self.children.entry(parent).or_insert(0) += 1;
         }
         self.objects.insert(o.id, o);
     }
@@ -230,14 +314,16 @@ impl Tree {
             return None;
         }
         let old = self.objects.remove(&id)?;
-        let key = (old.parent, old.name.clone());
-        if self.entries.get(&key) == Some(&id) {
-            self.entries.remove(&key);
-        }
-        if let Some(n) = self.children.get_mut(&old.parent) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.children.remove(&old.parent);
+        for (parent, name) in old.names() {
+            let key = (parent, name.clone());
+            if self.entries.get(&key) == Some(&id) {
+                self.entries.remove(&key);
+            }
+            if let Some(n) = self.children.get_mut(&parent) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.children.remove(&parent);
+                }
             }
         }
         Some(old)
@@ -336,6 +422,9 @@ impl Tree {
                     return Err(TreeError::Root);
                 }
                 let s = existing.ok_or(TreeError::Missing(id))?;
+                if s.name_count() > 1 {
+                    return Err(TreeError::SeveralNames(id));
+                }
                 self.check_parent(*new_parent)?;
                 let same = s.parent == *new_parent && s.name == *new_name;
                 if !same && self.lookup(*new_parent, new_name).is_some() {
@@ -360,6 +449,38 @@ impl Tree {
             OpKind::SetAttr { .. } | OpKind::SetXattr { .. } | OpKind::RemoveXattr { .. } => {
                 if existing.is_none() {
                     return Err(TreeError::Missing(id));
+                }
+            }
+            OpKind::Link { parent, name } => {
+                if is_root {
+                    return Err(TreeError::Root);
+                }
+                let s = existing.ok_or(TreeError::Missing(id))?;
+                if s.is_dir() {
+                    return Err(TreeError::FolderLink(id));
+                }
+                self.check_parent(*parent)?;
+                if self.lookup(*parent, name).is_some() {
+                    return Err(TreeError::NameTaken {
+                        parent: *parent,
+                        name: name.clone(),
+                    });
+                }
+            }
+            OpKind::Unlink { parent, name } => {
+                if is_root {
+                    return Err(TreeError::Root);
+                }
+                let s = existing.ok_or(TreeError::Missing(id))?;
+                if !s.has_name(*parent, name) {
+                    return Err(TreeError::NoSuchName {
+                        object: id,
+                        parent: *parent,
+                        name: name.clone(),
+                    });
+                }
+                if s.name_count() < 2 {
+                    return Err(TreeError::LastName(id));
                 }
             }
         }
@@ -390,6 +511,7 @@ impl Tree {
                     id,
                     parent: *parent,
                     name: name.clone(),
+                    links: Vec::new(),
                     kind: kind.clone(),
                     mode: *mode,
                     mtime_ns: *mtime_ns,
@@ -410,6 +532,20 @@ impl Tree {
                 if let Some(mut s) = self.objects.get(&id).cloned() {
                     s.parent = *new_parent;
                     s.name = new_name.clone();
+                    s.version = version;
+                    self.put(s);
+                }
+            }
+            OpKind::Link { parent, name } => {
+                if let Some(mut s) = self.objects.get(&id).cloned() {
+                    s.add_name(*parent, name.clone());
+                    s.version = version;
+                    self.put(s);
+                }
+            }
+            OpKind::Unlink { parent, name } => {
+                if let Some(mut s) = self.objects.get(&id).cloned() {
+                    s.remove_name(*parent, name);
                     s.version = version;
                     self.put(s);
                 }
@@ -444,7 +580,11 @@ impl Tree {
                         OpKind::RemoveXattr { name } => {
                             s.xattrs.remove(name);
                         }
-                        OpKind::Create { .. } | OpKind::Delete | OpKind::Rename { .. } => {}
+                        OpKind::Create { .. }
+                        | OpKind::Delete
+                        | OpKind::Rename { .. }
+                        | OpKind::Link { .. }
+                        | OpKind::Unlink { .. } => {}
                     }
                 }
             }
@@ -455,4 +595,156 @@ impl Tree {
 /// Whether an op changes a file's content.
 pub fn is_content_op(kind: &OpKind) -> bool {
     matches!(kind, OpKind::Write { .. } | OpKind::Truncate { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(object: ObjectId, base: Version, kind: OpKind) -> Op {
+        Op {
+            object,
+            base_version: base,
+            new_version: base + 1,
+            kind,
+        }
+    }
+
+    fn n(s: &str) -> Name {
+        Name::new(s.as_bytes().to_vec()).expect("valid")
+    }
+
+    fn create(id: ObjectId, parent: ObjectId, name: &str, kind: ObjectKind) -> Op {
+        op(
+            id,
+            0,
+            OpKind::Create {
+                parent,
+                name: n(name),
+                kind,
+                mode: 0o644,
+                mtime_ns: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn names_link_unlink_and_stay_canonical_whatever_their_order() {
+        let f = ObjectId([1; 16]);
+        let d = ObjectId([2; 16]);
+        let mut t = Tree::new();
+        t.apply_op(&create(d, ObjectId::ROOT, "d", ObjectKind::Directory))
+            .unwrap();
+        t.apply_op(&create(f, ObjectId::ROOT, "z", ObjectKind::File))
+            .unwrap();
+        let link = |base, parent, name: &str| {
+            op(
+                f,
+                base,
+                OpKind::Link {
+                    parent,
+                    name: n(name),
+                },
+            )
+        };
+        t.apply_op(&link(1, d, "b")).unwrap();
+        t.apply_op(&link(2, ObjectId::ROOT, "a")).unwrap();
+        let s = t.get(f).unwrap();
+        assert_eq!((s.parent, s.name.clone()), (ObjectId::ROOT, n("a")));
+        assert_eq!(s.name_count(), 3);
+        assert_eq!(t.lookup(d, &n("b")), Some(f));
+        assert_eq!(t.child_count(d), 1);
+        // A name that is taken, a folder's second name, a rename of several names: refused.
+        assert!(matches!(
+            t.apply_op(&link(3, ObjectId::ROOT, "d")),
+            Err(TreeError::NameTaken { .. })
+        ));
+        assert!(matches!(
+            t.apply_op(&op(
+                d,
+                1,
+                OpKind::Link {
+                    parent: ObjectId::ROOT,
+                    name: n("d2")
+                }
+            )),
+            Err(TreeError::FolderLink(_))
+        ));
+        assert!(matches!(
+            t.apply_op(&op(
+                f,
+                3,
+                OpKind::Rename {
+                    new_parent: ObjectId::ROOT,
+                    new_name: n("y")
+                }
+            )),
+            Err(TreeError::SeveralNames(_))
+        ));
+        // The folder holding a name is not empty.
+        assert!(matches!(
+            t.apply_op(&op(d, 1, OpKind::Delete)),
+            Err(TreeError::NotEmpty(_))
+        ));
+        let unlink = |base, parent, name: &str| {
+            op(
+                f,
+                base,
+                OpKind::Unlink {
+                    parent,
+                    name: n(name),
+                },
+            )
+        };
+        t.apply_op(&unlink(3, ObjectId::ROOT, "a")).unwrap();
+        assert_eq!(t.get(f).unwrap().name, n("z"));
+        assert_eq!(t.lookup(ObjectId::ROOT, &n("a")), None);
+        assert!(matches!(
+            t.apply_op(&unlink(4, ObjectId::ROOT, "a")),
+            Err(TreeError::NoSuchName { .. })
+        ));
+        t.apply_op(&unlink(4, d, "b")).unwrap();
+        assert!(matches!(
+            t.apply_op(&unlink(5, ObjectId::ROOT, "z")),
+            Err(TreeError::LastName(_))
+        ));
+        assert_eq!(t.child_count(d), 0);
+        t.apply_op(&op(d, 1, OpKind::Delete)).unwrap();
+        // Delete takes every name.
+        t.apply_op(&link(5, ObjectId::ROOT, "w")).unwrap();
+        t.apply_op(&op(f, 6, OpKind::Delete)).unwrap();
+        assert_eq!(t.lookup(ObjectId::ROOT, &n("w")), None);
+        assert_eq!(t.lookup(ObjectId::ROOT, &n("z")), None);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_refused_link_changes_nothing() {
+        let f = ObjectId([1; 16]);
+        let mut t = Tree::new();
+        t.apply_op(&create(f, ObjectId::ROOT, "f", ObjectKind::File))
+            .unwrap();
+        let before = t.clone();
+        let bad = [
+            op(
+                f,
+                1,
+                OpKind::Link {
+                    parent: ObjectId::ROOT,
+                    name: n("g"),
+                },
+            ),
+            op(
+                f,
+                2,
+                OpKind::Link {
+                    parent: ObjectId([9; 16]),
+                    name: n("h"),
+                },
+            ),
+        ];
+        assert!(t.apply_transaction(&bad).is_err());
+        assert_eq!(t, before);
+        assert_eq!(t.lookup(ObjectId::ROOT, &n("g")), None);
+    }
 }

@@ -109,6 +109,7 @@ fn prev_state(s: &engine::ObjectState, old: Option<&PrevState>) -> PrevState {
         kind: sync_kind(&s.kind),
         parent: s.parent,
         name: s.name.0.clone(),
+        links: s.links.iter().map(|(p, n)| (*p, n.0.clone())).collect(),
         mode: s.mode,
         mtime_ns: s.mtime_ns,
         hash: s.hash,
@@ -345,16 +346,18 @@ impl FsCore {
                 );
                 continue;
             }
-            b.delete_dirent(i.parent, &i.name);
-            entries.insert((i.parent, i.name.clone()), None);
-            parents_touched.insert(i.parent);
-            if i.kind == FileKind::Directory {
-                *nlink_delta.entry(i.parent).or_insert(0) -= 1;
+            for (parent, name) in i.names() {
+                b.delete_dirent(parent, name);
+                entries.insert((parent, name.to_vec()), None);
+                parents_touched.insert(parent);
+                if i.kind == FileKind::Directory {
+                    *nlink_delta.entry(parent).or_insert(0) -= 1;
+                }
+                out.invalidations.push(Invalidation::Entry {
+                    parent,
+                    name: name.to_vec(),
+                });
             }
-            out.invalidations.push(Invalidation::Entry {
-                parent: i.parent,
-                name: i.name.clone(),
-            });
             b.delete_object_state(id);
             b.clear_pending(id);
             self.capture.drop_pending(id);
@@ -370,24 +373,36 @@ impl FsCore {
                 continue;
             }
             let ino = inos[&state.id];
-            let parent_ino = self.resolve_parent(state.parent, &inos)?;
+            // Every name the object has (a file may have several: hard links).
+            let mut want: Vec<(u64, Vec<u8>)> = Vec::with_capacity(state.name_count());
+            for (parent, name) in state.names() {
+                want.push((self.resolve_parent(parent, &inos)?, name.0.clone()));
+            }
             if let Some(i) = inodes.get(&ino) {
-                if i.parent == parent_ino && i.name == state.name.0 && !reinoded.contains(&state.id)
-                {
+                let mut have: Vec<(u64, Vec<u8>)> =
+                    i.names().map(|(p, n)| (p, n.to_vec())).collect();
+                have.sort();
+                let mut sorted = want.clone();
+                sorted.sort();
+                if have == sorted && !reinoded.contains(&state.id) {
                     continue;
                 }
-                b.delete_dirent(i.parent, &i.name);
-                entries.insert((i.parent, i.name.clone()), None);
-                parents_touched.insert(i.parent);
-                out.invalidations.push(Invalidation::Entry {
-                    parent: i.parent,
-                    name: i.name.clone(),
-                });
-                if i.kind == FileKind::Directory {
-                    *nlink_delta.entry(i.parent).or_insert(0) -= 1;
+                for (parent, name) in i.names() {
+                    b.delete_dirent(parent, name);
+                    entries.insert((parent, name.to_vec()), None);
+                    parents_touched.insert(parent);
+                    out.invalidations.push(Invalidation::Entry {
+                        parent,
+                        name: name.to_vec(),
+                    });
+                    if i.kind == FileKind::Directory {
+                        *nlink_delta.entry(parent).or_insert(0) -= 1;
+                    }
                 }
             }
-            placements.push((state.id, parent_ino, state.name.0.clone()));
+            for (parent_ino, name) in want {
+                placements.push((state.id, parent_ino, name));
+            }
         }
         for ch in &a.local_changes {
             let LocalChange::Put { state, .. } = ch else {
@@ -426,6 +441,14 @@ impl FsCore {
             }
             i.parent = parent_ino;
             i.name = name;
+            i.links.clear();
+            for (parent, name) in state.links.iter() {
+                i.links
+                    .push((self.resolve_parent(*parent, &inos)?, name.0.clone()));
+            }
+            if i.kind != FileKind::Directory {
+                i.nlink = state.name_count() as u32;
+            }
             if let Some(rec) = online_only.get(&ino) {
                 i.flags |= INODE_ABSENT;
                 b.put_absent(ino, rec);
@@ -464,14 +487,16 @@ impl FsCore {
             let parent_ino = self.resolve_parent(c.target.parent, &inos)?;
             let mut i = match existing {
                 Some(i) => {
-                    if i.parent != parent_ino || i.name != c.target.name.0 {
-                        b.delete_dirent(i.parent, &i.name);
-                        entries.insert((i.parent, i.name.clone()), None);
-                        parents_touched.insert(i.parent);
-                        out.invalidations.push(Invalidation::Entry {
-                            parent: i.parent,
-                            name: i.name.clone(),
-                        });
+                    for (parent, name) in i.names() {
+                        if parent != parent_ino || name != c.target.name.0.as_slice() {
+                            b.delete_dirent(parent, name);
+                            entries.insert((parent, name.to_vec()), None);
+                            parents_touched.insert(parent);
+                            out.invalidations.push(Invalidation::Entry {
+                                parent,
+                                name: name.to_vec(),
+                            });
+                        }
                     }
                     i
                 }
@@ -489,6 +514,8 @@ impl FsCore {
             i.size = content.len() as u64;
             i.parent = parent_ino;
             i.name = c.target.name.0.clone();
+            i.links.clear();
+            i.nlink = 1;
             for n in store.list_xattrs(i.ino)? {
                 if !c.target.xattrs.contains_key(&n) {
                     b.delete_xattr(i.ino, &n);
@@ -775,6 +802,7 @@ impl FsCore {
             flags: 0,
             symlink: Vec::new(),
             name: Vec::new(),
+            links: Vec::new(),
         }
     }
 
@@ -894,8 +922,8 @@ impl FsCore {
         b.delete_dirent(parent, name);
         b.put_dirent(parent, &new_name, ino, i.kind);
         entries.insert((parent, new_name.clone()), Some(ino));
-        if i.parent == parent && i.name == name {
-            i.name = new_name.clone();
+        if i.names().any(|(p, n)| p == parent && n == name) {
+            i.move_link(parent, name, parent, &new_name);
             i.ctime = Timespec::now();
             b.put_inode(&i);
         }

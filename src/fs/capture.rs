@@ -22,9 +22,13 @@
 //! An object whose current path is ignored (`.deltaignore`, built-in temporary-file
 //! patterns) is never announced: see [`ignored`].
 
+mod aside;
 mod ignored;
+mod order;
 
-use std::collections::HashMap;
+pub use aside::{AsideNote, Refused};
+
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -60,9 +64,9 @@ pub trait CommitSink: Send + Sync {
     /// transactions in order. On `Err` nothing is committed and the objects stay pending.
     ///
     /// # Errors
-    /// A transaction does not apply to the engine's local tree (a bug; the sink recovers
-    /// its state from the store).
-    fn local_commit(&self, txs: &[Transaction]) -> Result<(), String>;
+    /// A transaction does not apply to the engine's local tree (the sink recovers its state
+    /// from the store; the sealer sets the refused object aside).
+    fn local_commit(&self, txs: &[Transaction]) -> Result<(), Refused>;
 
     /// The outbox write failed after [`CommitSink::local_commit`] accepted its transactions.
     fn commit_failed(&self);
@@ -82,6 +86,20 @@ pub struct Capture {
     /// Open write handles per inode: a file open for writing is still being written.
     writers: Mutex<HashMap<u64, usize>>,
     ignore: crate::ignore::Ignore,
+    /// Pending objects whose change the engine refused: they wait, with back-off, while
+    /// every other change goes on (see [`aside`]).
+    aside: Mutex<aside::Aside>,
+}
+
+/// Seal rounds in one seal call: each refused round sets one object aside.
+const MAX_SEAL_ROUNDS: usize = 8;
+
+/// How a seal round ended.
+enum Sealed {
+    /// This many transactions went to the outbox.
+    Done(usize),
+    /// The engine refused the transaction; an object was set aside; nothing committed.
+    Refused,
 }
 
 /// New files, renames and deletes still changing after this long are sealed anyway.
@@ -136,6 +154,7 @@ impl Capture {
             }),
             writers: Mutex::new(HashMap::new()),
             ignore: crate::ignore::Ignore::new(),
+            aside: Mutex::new(aside::Aside::default()),
         })
     }
 
@@ -279,6 +298,9 @@ struct Item {
     flags: PendingFlags,
     inode: Option<Inode>,
     state: Option<ObjectState>,
+    /// The inode's names that travel, as (folder inode, name), when some of its names are
+    /// ignored (`None`: all of them).
+    names: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 /// Transactions under construction: ops and their payload, split when large.
@@ -385,6 +407,7 @@ impl Sealer<'_> {
                 flags,
                 inode,
                 state,
+                names: None,
             });
         }
         Ok(items)
@@ -408,7 +431,18 @@ impl Sealer<'_> {
 
     fn seal_with(&self, only: Option<ObjectId>, all: bool) -> Result<usize, StoreError> {
         let (wall, cpu) = (Instant::now(), thread_cpu());
-        let n = self.seal_inner(only, all)?;
+        // A refused seal sets one object aside and tries again without it; a handful of
+        // rounds each time, the rest at the next seal.
+        let mut n = 0;
+        for _ in 0..MAX_SEAL_ROUNDS {
+            match self.seal_inner(only, all)? {
+                Sealed::Done(k) => {
+                    n = k;
+                    break;
+                }
+                Sealed::Refused => continue,
+            }
+        }
         if n > 0 {
             tracing::debug!(
                 "sealed {n} transaction(s) in {:.2} ms ({:.2} ms CPU)",
@@ -419,22 +453,47 @@ impl Sealer<'_> {
         Ok(n)
     }
 
-    fn seal_inner(&self, only: Option<ObjectId>, all: bool) -> Result<usize, StoreError> {
+    fn seal_inner(&self, only: Option<ObjectId>, all: bool) -> Result<Sealed, StoreError> {
         let mut items = self.load(only)?;
+        // Where every pending object was announced: names that objects left out of this
+        // seal still hold.
+        let announced: Vec<(ObjectId, ObjectState)> = items
+            .iter()
+            .filter_map(|i| Some((i.object, i.state.clone()?)))
+            .collect();
+        // Objects set aside wait for their next try.
+        {
+            let aside = self.capture.aside.lock();
+            items.retain(|i| !aside.waiting(&i.object));
+        }
         if !all {
             self.keep_settled(&mut items)?;
         }
         if let Some(o) = only {
-            // An early seal only takes a live, announced object.
-            if !items
-                .iter()
-                .all(|i| i.object == o && i.inode.is_some() && i.state.is_some())
-            {
-                return Ok(0);
+            // An early seal only takes a live, announced object that kept its names.
+            let in_place = |i: &Item| match (&i.inode, &i.state) {
+                (Some(inode), Some(st)) => {
+                    let mut now = Vec::with_capacity(1 + inode.links.len());
+                    for (p, n) in inode.names() {
+                        match self.object_of(p) {
+                            Ok(o) => now.push((o, n.to_vec())),
+                            Err(_) => return false,
+                        }
+                    }
+                    now.sort();
+                    let mut was: Vec<(ObjectId, Vec<u8>)> =
+                        st.names().map(|(p, n)| (p, n.to_vec())).collect();
+                    was.sort();
+                    now == was
+                }
+                _ => false,
+            };
+            if !items.iter().all(|i| i.object == o && in_place(i)) {
+                return Ok(Sealed::Done(0));
             }
         }
         if items.is_empty() {
-            return Ok(0);
+            return Ok(Sealed::Done(0));
         }
         let mut b = self.store.batch();
         // Ids a new file gave up when it took over an announced file's identity.
@@ -443,7 +502,7 @@ impl Sealer<'_> {
         // Ignored objects whose pending marks go with no op.
         let mut dropped = Vec::new();
         if !self.apply_ignore(&mut items, only, &mut b, &mut dropped)? {
-            return Ok(0);
+            return Ok(Sealed::Done(0));
         }
 
         let mut tx = TxBuilder {
@@ -452,72 +511,34 @@ impl Sealer<'_> {
             ops: Vec::new(),
             payload: 0,
         };
-        // Order so the server can apply each op in turn: file deletes free names; folders
-        // are created parents first; moves; new files and symlinks; edits; folder deletes
-        // deepest first.
-        let mut file_deletes = Vec::new();
-        let mut dir_deletes = Vec::new();
-        let mut creates = Vec::new();
-        let mut changed = Vec::new();
-        for it in items {
+        for it in &items {
             b.clear_pending(&it.object);
-            match (&it.inode, &it.state) {
-                (None, Some(st)) => {
-                    if st.kind == SyncKind::Directory {
-                        dir_deletes.push(it);
-                    } else {
-                        file_deletes.push(it);
-                    }
+        }
+        // Names first, in an order that applies (deletes, creates, moves, links); then
+        // every surviving object's content and attributes.
+        let item_objects: HashSet<ObjectId> = items.iter().map(|i| i.object).collect();
+        let announced: Vec<(ObjectId, ObjectState)> = announced
+            .into_iter()
+            .filter(|(o, _)| !item_objects.contains(o))
+            .collect();
+        let created = self.order_names(&mut items, &announced, &mut tx, &mut b)?;
+        let mut created: Vec<(usize, ObjectState)> = created.into_iter().collect();
+        created.sort_by_key(|(i, _)| *i);
+        for (i, mut st) in created {
+            let it = &items[i];
+            if let Some(inode) = &it.inode {
+                if st.kind == SyncKind::File && inode.size > 0 {
+                    self.write_rewritten(it.object, inode, &mut st, &mut tx, &mut b)?;
                 }
-                (None, None) => {}
-                (Some(_), None) => creates.push(it),
-                (Some(_), Some(_)) => changed.push(it),
+                self.seal_xattrs(it.object, inode, &mut st, &mut tx)?;
+                self.capture.forget(inode.ino);
             }
+            b.put_object_state(&it.object, &st);
         }
-        for it in &file_deletes {
-            self.seal_delete(it, &mut tx, &mut b);
-        }
-        // Folders before what they hold: sort new items by depth.
-        let mut with_depth = Vec::new();
-        for it in creates {
-            let d = self.depth(it.inode.as_ref().map(|i| i.ino).unwrap_or(ROOT_INO))?;
-            with_depth.push((d, it));
-        }
-        with_depth
-            .sort_by_key(|(d, it)| (*d, it.inode.as_ref().map(|i| i.kind != FileKind::Directory)));
-        for (_, it) in with_depth.iter().filter(|(_, it)| {
-            it.inode
-                .as_ref()
-                .is_some_and(|i| i.kind == FileKind::Directory)
-        }) {
-            self.seal_create(it, &mut tx, &mut b)?;
-        }
-        for it in &mut changed {
-            self.seal_move(it, &mut tx)?;
-        }
-        for (_, it) in with_depth.iter().filter(|(_, it)| {
-            it.inode
-                .as_ref()
-                .is_some_and(|i| i.kind != FileKind::Directory)
-        }) {
-            self.seal_create(it, &mut tx, &mut b)?;
-        }
-        for it in &mut changed {
-            self.seal_edit(it, &mut tx, &mut b)?;
-        }
-        let mut dd = Vec::new();
-        for it in dir_deletes {
-            let depth = match &it.state {
-                Some(st) => self.announced_depth(st)?,
-                None => 0,
-            };
-            dd.push((depth, it));
-        }
-        // Deepest first (by the announced tree): a folder's children were sealed deleted in
-        // the same pass, so each folder is empty when its delete applies.
-        dd.sort_by_key(|(d, _)| std::cmp::Reverse(*d));
-        for (_, it) in dd.iter() {
-            self.seal_delete(it, &mut tx, &mut b);
+        for it in items.iter_mut() {
+            if it.state.is_some() && it.inode.is_some() {
+                self.seal_edit(it, &mut tx, &mut b)?;
+            }
         }
         let txs = tx.finish();
         let n = txs.len();
@@ -526,7 +547,12 @@ impl Sealer<'_> {
         }
         let sink = self.capture.sink.get().filter(|_| !txs.is_empty());
         if let Some(sink) = sink {
-            sink.local_commit(&txs).map_err(StoreError::Corrupt)?;
+            if let Err(refused) = sink.local_commit(&txs) {
+                // Nothing is committed: the objects stay pending, and the one the engine
+                // refused waits aside so that everything else goes on syncing.
+                self.set_aside(&items, &txs, refused);
+                return Ok(Sealed::Refused);
+            }
         }
         if let Err(e) = self.store.commit(b, false) {
             if let Some(sink) = sink {
@@ -536,15 +562,13 @@ impl Sealer<'_> {
         }
         {
             let mut p = self.capture.pending.lock();
-            let sealed: Vec<ObjectId> = with_depth
+            let sealed: Vec<ObjectId> = items
                 .iter()
-                .map(|(_, it)| it.object)
-                .chain(changed.iter().map(|it| it.object))
-                .chain(file_deletes.iter().map(|it| it.object))
-                .chain(dd.iter().map(|(_, it)| it.object))
+                .map(|it| it.object)
                 .chain(retired.iter().copied())
                 .chain(dropped.iter().copied())
                 .collect();
+            self.capture.settle_aside(&sealed);
             let mut changed = self.capture.changed.lock();
             for o in sealed {
                 p.remove(&o);
@@ -554,7 +578,7 @@ impl Sealer<'_> {
                 self.capture.activity.lock().oldest_unsealed = None;
             }
         }
-        Ok(n)
+        Ok(Sealed::Done(n))
     }
 
     /// Drops items a periodic seal must not take yet: unsettled ones (except in-place edits
@@ -734,31 +758,36 @@ impl Sealer<'_> {
         }
     }
 
+    /// The Create op of a new object at `place` (its first name); its content and
+    /// attributes follow later in the seal. Returns the object's announced state, which the
+    /// caller stores once the seal's other ops on it are made.
     fn seal_create(
         &self,
         it: &Item,
+        place: &(ObjectId, Vec<u8>),
         tx: &mut TxBuilder,
-        b: &mut Batch<'_>,
-    ) -> Result<(), StoreError> {
+        _b: &mut Batch<'_>,
+    ) -> Result<Option<ObjectState>, StoreError> {
         let Some(inode) = &it.inode else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(kind) = sync_kind(inode.kind) else {
-            return Ok(());
+            return Ok(None);
         };
-        let Ok(name) = Name::new(inode.name.clone()) else {
+        let Ok(name) = Name::new(place.1.clone()) else {
             tracing::warn!(
                 "not syncing {:?}: its name cannot travel",
-                String::from_utf8_lossy(&inode.name)
+                String::from_utf8_lossy(&place.1)
             );
-            return Ok(());
+            return Ok(None);
         };
-        let parent = self.object_of(inode.parent)?;
+        let parent = place.0;
         let mut st = ObjectState {
             version: 0,
             kind,
             parent,
-            name: inode.name.clone(),
+            name: place.1.clone(),
+            links: Vec::new(),
             mode: u32::from(inode.perm),
             mtime_ns: mtime_ns(inode),
             hash: empty_hash(),
@@ -785,36 +814,7 @@ impl Sealer<'_> {
                 mtime_ns: mtime_ns(inode),
             },
         ));
-        if kind == SyncKind::File && inode.size > 0 {
-            self.write_rewritten(it.object, inode, &mut st, tx, b)?;
-        }
-        self.seal_xattrs(it.object, inode, &mut st, tx)?;
-        self.capture.forget(inode.ino);
-        b.put_object_state(&it.object, &st);
-        Ok(())
-    }
-
-    fn seal_move(&self, it: &mut Item, tx: &mut TxBuilder) -> Result<(), StoreError> {
-        let (Some(inode), Some(st)) = (&it.inode, &mut it.state) else {
-            return Ok(());
-        };
-        let parent = self.object_of(inode.parent)?;
-        if parent != st.parent || inode.name != st.name {
-            let Ok(name) = Name::new(inode.name.clone()) else {
-                return Ok(());
-            };
-            tx.push(op(
-                it.object,
-                st,
-                OpKind::Rename {
-                    new_parent: parent,
-                    new_name: name,
-                },
-            ));
-            st.parent = parent;
-            st.name = inode.name.clone();
-        }
-        Ok(())
+        Ok(Some(st))
     }
 
     fn seal_edit(

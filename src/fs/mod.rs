@@ -336,6 +336,7 @@ impl FsCore {
             flags: 0,
             symlink: symlink.to_vec(),
             name: name.to_vec(),
+            links: Vec::new(),
         };
         if kind == FileKind::Directory {
             p.nlink += 1;
@@ -403,6 +404,7 @@ impl FsCore {
         let mut b = self.store.batch();
         b.delete_dirent(parent, name);
         b.put_inode(&p);
+        child.remove_link(parent, name);
         let gone = self.drop_link(&mut b, &mut child, now)?;
         self.store.commit(b, false)?;
         if gone {
@@ -441,6 +443,10 @@ impl FsCore {
 
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             let (dst_ino, dst_kind) = target.ok_or(Errno::ENOENT)?;
+            if dst_ino == src_ino {
+                // Two names of one file swapped: nothing changes.
+                return Ok(());
+            }
             let mut dst = self.inode(dst_ino)?;
             b.put_dirent(parent, name, dst_ino, dst_kind);
             b.put_dirent(newparent, newname, src_ino, src_kind);
@@ -457,10 +463,8 @@ impl FsCore {
                     pn.nlink -= 1;
                 }
             }
-            src.parent = newparent;
-            src.name = newname.to_vec();
-            dst.parent = parent;
-            dst.name = name.to_vec();
+            src.move_link(parent, name, newparent, newname);
+            dst.move_link(newparent, newname, parent, name);
             dst.ctime = now;
             b.put_inode(&dst);
             self.capture.touch(&mut b, &dst, false);
@@ -485,6 +489,7 @@ impl FsCore {
                 } else if dst_kind == FileKind::Directory {
                     return Err(Errno::EISDIR);
                 }
+                dst.remove_link(newparent, newname);
                 if self.drop_link(&mut b, &mut dst, now)? {
                     removed_content = Some(dst.ino);
                 }
@@ -497,8 +502,7 @@ impl FsCore {
                     pn.nlink += 1;
                 }
             }
-            src.parent = newparent;
-            src.name = newname.to_vec();
+            src.move_link(parent, name, newparent, newname);
         }
         // Renaming a conflicted copy settles it.
         src.flags &= !crate::store::absent::INODE_CONFLICT;
@@ -920,6 +924,7 @@ impl FsCore {
             crtime: now,
             parent,
             name: name.clone(),
+            links: Vec::new(),
             flags: (orig.flags & !crate::store::absent::INODE_ABSENT)
                 | crate::store::absent::INODE_CONFLICT,
             ..orig.clone()
@@ -1287,12 +1292,15 @@ impl Filesystem for DeltaFs {
             let now = Timespec::now();
             i.nlink += 1;
             i.ctime = now;
+            i.add_link(newparent.0, newname);
             p.mtime = now;
             p.ctime = now;
             let mut b = self.store.batch();
             b.put_dirent(newparent.0, newname, i.ino, i.kind);
             b.put_inode(&i);
             b.put_inode(&p);
+            // A new name is a change to announce, like a rename.
+            self.capture.touch(&mut b, &i, false);
             self.store.commit(b, false)?;
             Ok(i)
         })();

@@ -207,16 +207,24 @@ pub fn run(
 
     // The sealer: turns quiet pending changes into outbox transactions.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    home.save_set_aside(&[]);
     let sealer = {
         let core = Arc::clone(&core);
         let stop = Arc::clone(&stop);
+        let home = home.clone();
         std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
                 let mut last_evict = std::time::Instant::now();
+                let mut aside_seen = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(SEAL_TICK);
                     core.seal_if_due(false);
+                    let (generation, notes) = core.capture().aside_notes();
+                    if generation != aside_seen {
+                        home.save_set_aside(&notes);
+                        aside_seen = generation;
+                    }
                     // Files on demand: keep local content under the cache size.
                     if core.options_on_demand() && last_evict.elapsed() >= EVICT_TICK {
                         if let Err(e) = core.evict() {

@@ -84,6 +84,7 @@ fn root_state() -> ObjectState {
         id: ObjectId::ROOT.0,
         parent: ObjectId::ROOT.0,
         name: Vec::new(),
+        links: Vec::new(),
         kind: StoredKind::Directory,
         version: 0,
         mode: 0o755,
@@ -99,6 +100,24 @@ fn root_state() -> ObjectState {
 
 /// A directory entry: (parent, name).
 type EntryKey = ([u8; 16], Vec<u8>);
+
+/// Every name of an object, the first one first.
+fn names_of(s: &ObjectState) -> impl Iterator<Item = EntryKey> + '_ {
+    std::iter::once((s.parent, s.name.clone())).chain(s.links.iter().cloned())
+}
+
+/// Sets an object's names (at least one), the least first, as every device keeps them.
+fn set_names(s: &mut ObjectState, mut names: Vec<EntryKey>) {
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return;
+    }
+    let (parent, name) = names.remove(0);
+    s.parent = parent;
+    s.name = name;
+    s.links = names;
+}
 
 /// The objects an append reads and changes, over the backend's committed state.
 struct Overlay<'a> {
@@ -366,13 +385,15 @@ impl Storage {
             }
             if let Some(b) = &before {
                 if *id != ObjectId::ROOT.0 {
-                    batch.delete_children.push((b.parent, b.name.clone()));
+                    batch.delete_children.extend(names_of(b));
                 }
             }
             match now {
                 Some(n) => {
                     if *id != ObjectId::ROOT.0 {
-                        batch.put_children.push((n.parent, n.name.clone(), n.id));
+                        batch
+                            .put_children
+                            .extend(names_of(n).map(|(p, name)| (p, name, n.id)));
                     }
                     batch.put_objects.push(n.clone());
                 }
@@ -458,6 +479,7 @@ impl Storage {
                     id,
                     parent: parent.0,
                     name: name.as_bytes().to_vec(),
+                    links: Vec::new(),
                     kind,
                     version: op.new_version,
                     mode: *mode,
@@ -536,6 +558,11 @@ impl Storage {
                     ));
                 }
                 let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                if !s.links.is_empty() {
+                    return Err(conflict(
+                        "the object has several names: one of them moves by link and unlink".into(),
+                    ));
+                }
                 self.check_parent(ov, new_parent.0).await?;
                 let same = s.parent == new_parent.0 && s.name == new_name.as_bytes();
                 if !same && ov.name_taken(new_parent.0, new_name.as_bytes()).await? {
@@ -579,7 +606,9 @@ impl Storage {
                 if s.kind == StoredKind::Directory && !ov.children(id).await?.is_empty() {
                     return Err(conflict("delete of a folder that is not empty".into()));
                 }
-                ov.entries.insert((s.parent, s.name.clone()), None);
+                for key in names_of(&s) {
+                    ov.entries.insert(key, None);
+                }
                 ov.content.remove(&id);
                 ov.set(id, None);
             }
@@ -605,6 +634,54 @@ impl Storage {
             OpKind::RemoveXattr { name } => {
                 let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
                 s.xattrs.remove(name);
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.set(id, Some(s));
+            }
+            OpKind::Link { parent, name } => {
+                if is_root {
+                    return Err(ApiError::Unprocessable(
+                        "the root folder cannot have another name".into(),
+                    ));
+                }
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                if s.kind == StoredKind::Directory {
+                    return Err(conflict("a folder has exactly one name".into()));
+                }
+                self.check_parent(ov, parent.0).await?;
+                if ov.name_taken(parent.0, name.as_bytes()).await? {
+                    return Err(conflict(format!(
+                        "name {name} is already taken in its folder"
+                    )));
+                }
+                let key = (parent.0, name.as_bytes().to_vec());
+                let mut names: Vec<EntryKey> = names_of(&s).collect();
+                names.push(key.clone());
+                set_names(&mut s, names);
+                ov.entries.insert(key, Some(id));
+                s.version = op.new_version;
+                s.seq = seq;
+                ov.set(id, Some(s));
+            }
+            OpKind::Unlink { parent, name } => {
+                if is_root {
+                    return Err(ApiError::Unprocessable(
+                        "the root folder cannot lose its name".into(),
+                    ));
+                }
+                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
+                let key = (parent.0, name.as_bytes().to_vec());
+                let names: Vec<EntryKey> = names_of(&s).collect();
+                if !names.contains(&key) {
+                    return Err(conflict(format!("the object has no name {name} there")));
+                }
+                if names.len() < 2 {
+                    return Err(conflict(
+                        "an object's last name goes with a delete, not an unlink".into(),
+                    ));
+                }
+                set_names(&mut s, names.into_iter().filter(|k| *k != key).collect());
+                ov.entries.insert(key, None);
                 s.version = op.new_version;
                 s.seq = seq;
                 ov.set(id, Some(s));

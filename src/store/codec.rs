@@ -146,9 +146,15 @@ pub struct Inode {
     pub symlink: Vec<u8>,
     /// The name of its (first) link in `parent`, for building change-log ops.
     pub name: Vec<u8>,
+    /// Its other links (hard links), as (folder inode, name), in the order they were made.
+    /// Together with (`parent`, `name`) these are all of its names; `nlink` counts them.
+    pub links: Vec<(u64, Vec<u8>)>,
 }
 
+/// Layout 1: the fixed fields, the symlink target, then the name to the end. Layout 2 (an
+/// inode with several names): the name with its length, then the other links.
 const INODE_LAYOUT: u8 = 1;
+const INODE_LAYOUT_LINKS: u8 = 2;
 const INODE_FIXED: usize = 1 + 16 + 1 + 2 + 4 + 4 + 4 + 8 + 4 * 12 + 4 + 8 + 4 + 4;
 
 fn put_ts(out: &mut Vec<u8>, t: Timespec) {
@@ -197,7 +203,11 @@ impl<'a> Reader<'a> {
 impl Inode {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(INODE_FIXED + self.symlink.len());
-        out.push(INODE_LAYOUT);
+        out.push(if self.links.is_empty() {
+            INODE_LAYOUT
+        } else {
+            INODE_LAYOUT_LINKS
+        });
         out.extend_from_slice(&self.object.0);
         out.push(self.kind.to_u8());
         out.extend_from_slice(&self.perm.to_le_bytes());
@@ -214,14 +224,77 @@ impl Inode {
         out.extend_from_slice(&self.flags.to_le_bytes());
         out.extend_from_slice(&(self.symlink.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.symlink);
-        out.extend_from_slice(&self.name);
+        if self.links.is_empty() {
+            out.extend_from_slice(&self.name);
+        } else {
+            out.extend_from_slice(&(self.name.len() as u32).to_le_bytes());
+            out.extend_from_slice(&self.name);
+            out.extend_from_slice(&(self.links.len() as u32).to_le_bytes());
+            for (parent, name) in &self.links {
+                out.extend_from_slice(&parent.to_le_bytes());
+                out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+                out.extend_from_slice(name);
+            }
+        }
         out
+    }
+
+    /// Every name of the inode, (folder inode, name), the first one first.
+    pub fn names(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        std::iter::once((self.parent, self.name.as_slice()))
+            .chain(self.links.iter().map(|(p, n)| (*p, n.as_slice())))
+    }
+
+    /// Adds a name (a new hard link).
+    pub fn add_link(&mut self, parent: u64, name: &[u8]) {
+        self.links.push((parent, name.to_vec()));
+    }
+
+    /// Removes one name; the first name is replaced by the oldest other link when it goes.
+    /// Returns whether the inode had that name.
+    pub fn remove_link(&mut self, parent: u64, name: &[u8]) -> bool {
+        if self.parent == parent && self.name == name {
+            if !self.links.is_empty() {
+                let (p, n) = self.links.remove(0);
+                self.parent = p;
+                self.name = n;
+            }
+            return true;
+        }
+        match self
+            .links
+            .iter()
+            .position(|(p, n)| *p == parent && n == name)
+        {
+            Some(i) => {
+                self.links.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the name (`parent`, `name`) by (`new_parent`, `new_name`), keeping the others.
+    pub fn move_link(&mut self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8]) {
+        if self.parent == parent && self.name == name {
+            self.parent = new_parent;
+            self.name = new_name.to_vec();
+        } else if let Some(l) = self
+            .links
+            .iter_mut()
+            .find(|(p, n)| *p == parent && n == name)
+        {
+            *l = (new_parent, new_name.to_vec());
+        } else {
+            self.parent = new_parent;
+            self.name = new_name.to_vec();
+        }
     }
 
     pub fn decode(ino: u64, buf: &[u8]) -> Result<Inode> {
         let mut r = Reader { buf };
         let layout = r.u8()?;
-        if layout != INODE_LAYOUT {
+        if layout != INODE_LAYOUT && layout != INODE_LAYOUT_LINKS {
             return Err(StoreError::Corrupt(format!(
                 "inode {ino}: unknown layout {layout}"
             )));
@@ -244,10 +317,22 @@ impl Inode {
             flags: r.u32()?,
             symlink: Vec::new(),
             name: Vec::new(),
+            links: Vec::new(),
         };
         let symlink_len = r.u32()? as usize;
         inode.symlink = r.take(symlink_len)?.to_vec();
-        inode.name = r.buf.to_vec();
+        if layout == INODE_LAYOUT {
+            inode.name = r.buf.to_vec();
+        } else {
+            let len = r.u32()? as usize;
+            inode.name = r.take(len)?.to_vec();
+            let count = r.u32()? as usize;
+            for _ in 0..count {
+                let parent = r.u64()?;
+                let len = r.u32()? as usize;
+                inode.links.push((parent, r.take(len)?.to_vec()));
+            }
+        }
         Ok(inode)
     }
 }

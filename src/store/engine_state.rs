@@ -29,10 +29,11 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// Encodes one server-tree object (layout 1).
+/// Encodes one server-tree object: layout 1, or layout 2 (layout 1 followed by the other
+/// names) for an object with several names.
 pub fn encode_server_object(s: &ObjectState) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + s.name.0.len());
-    out.push(1);
+    out.push(if s.links.is_empty() { 1 } else { 2 });
     out.extend_from_slice(&s.id.0);
     out.extend_from_slice(&s.parent.0);
     put_bytes(&mut out, &s.name.0);
@@ -55,6 +56,13 @@ pub fn encode_server_object(s: &ObjectState) -> Vec<u8> {
         put_bytes(&mut out, k);
         put_bytes(&mut out, v);
     }
+    if !s.links.is_empty() {
+        out.extend_from_slice(&(s.links.len() as u32).to_le_bytes());
+        for (parent, name) in &s.links {
+            out.extend_from_slice(&parent.0);
+            put_bytes(&mut out, &name.0);
+        }
+    }
     out
 }
 
@@ -64,7 +72,8 @@ pub fn encode_server_object(s: &ObjectState) -> Vec<u8> {
 /// The record is truncated or of an unknown layout.
 pub fn decode_server_object(b: &[u8]) -> Result<ObjectState> {
     let mut r = R(b);
-    if r.u8()? != 1 {
+    let layout = r.u8()?;
+    if layout != 1 && layout != 2 {
         return Err(StoreError::Corrupt("unknown server tree layout".into()));
     }
     let id = ObjectId(r.arr()?);
@@ -88,10 +97,19 @@ pub fn decode_server_object(b: &[u8]) -> Result<ObjectState> {
         let k = r.bytes()?;
         xattrs.insert(k, r.bytes()?);
     }
+    let mut links = Vec::new();
+    if layout == 2 {
+        let n = r.u32()? as usize;
+        for _ in 0..n.min(1 << 16) {
+            let p = ObjectId(r.arr()?);
+            links.push((p, Name(r.bytes()?)));
+        }
+    }
     Ok(ObjectState {
         id,
         parent,
         name,
+        links,
         kind,
         mode,
         mtime_ns,
@@ -272,6 +290,7 @@ mod tests {
             id: ObjectId::random(),
             parent: ObjectId::ROOT,
             name: Name(b"link".to_vec()),
+            links: Vec::new(),
             kind: ObjectKind::Symlink {
                 target: b"../x".to_vec(),
             },
@@ -284,8 +303,27 @@ mod tests {
             content_version: 2,
         };
         let enc = encode_server_object(&s);
+        assert_eq!(enc[0], 1, "one name: the layout older builds read");
         assert_eq!(decode_server_object(&enc).unwrap(), s);
         assert!(decode_server_object(&enc[..30]).is_err());
+        // Several names: layout 2 keeps them all.
+        let mut linked = s.clone();
+        linked.kind = ObjectKind::File;
+        linked.set_names(vec![
+            (ObjectId::ROOT, Name(b"b".to_vec())),
+            (ObjectId([7; 16]), Name(b"a".to_vec())),
+            (ObjectId::ROOT, Name(b"a".to_vec())),
+        ]);
+        let enc = encode_server_object(&linked);
+        assert_eq!(enc[0], 2);
+        let back = decode_server_object(&enc).unwrap();
+        assert_eq!(back, linked);
+        assert_eq!(back.name_count(), 3);
+        assert_eq!(
+            back.name,
+            Name(b"a".to_vec()),
+            "the least name is the first"
+        );
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl Store {
                     flags: 0,
                     symlink: Vec::new(),
                     name: Vec::new(),
+                    links: Vec::new(),
                 };
                 let mut b = self.batch();
                 b.put_inode(&root);

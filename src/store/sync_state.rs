@@ -93,6 +93,8 @@ pub struct ObjectState {
     pub kind: SyncKind,
     pub parent: ObjectId,
     pub name: Vec<u8>,
+    /// The other names it was announced with (hard links), sorted.
+    pub links: Vec<(ObjectId, Vec<u8>)>,
     pub mode: u32,
     pub mtime_ns: i64,
     pub hash: ContentHash,
@@ -166,7 +168,8 @@ impl<'a> R<'a> {
 impl ObjectState {
     fn encode(&self) -> Vec<u8> {
         let mut w = W(Vec::with_capacity(128));
-        w.u8(1);
+        // Layout 2 adds the other names at the end; one name stays layout 1.
+        w.u8(if self.links.is_empty() { 1 } else { 2 });
         w.u64(self.version);
         w.u8(self.kind as u8);
         w.0.extend_from_slice(&self.parent.0);
@@ -182,12 +185,39 @@ impl ObjectState {
             w.bytes(n);
             w.bytes(v);
         }
+        if !self.links.is_empty() {
+            w.u32(self.links.len() as u32);
+            for (p, n) in &self.links {
+                w.0.extend_from_slice(&p.0);
+                w.bytes(n);
+            }
+        }
         w.0
+    }
+
+    /// Every announced name, the first one first.
+    pub fn names(&self) -> impl Iterator<Item = (ObjectId, &[u8])> {
+        std::iter::once((self.parent, self.name.as_slice()))
+            .chain(self.links.iter().map(|(p, n)| (*p, n.as_slice())))
+    }
+
+    /// Sets the announced names (at least one): the least first, as the engine keeps them.
+    pub fn set_names(&mut self, mut names: Vec<(ObjectId, Vec<u8>)>) {
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return;
+        }
+        let first = names.remove(0);
+        self.parent = first.0;
+        self.name = first.1;
+        self.links = names;
     }
 
     fn decode(b: &[u8]) -> Result<ObjectState> {
         let mut r = R(b);
-        if r.u8()? != 1 {
+        let layout = r.u8()?;
+        if layout != 1 && layout != 2 {
             return Err(StoreError::Corrupt("unknown object state layout".into()));
         }
         let version = r.u64()?;
@@ -210,11 +240,20 @@ impl ObjectState {
         for _ in 0..n {
             xattrs.push((r.bytes()?, r.bytes()?));
         }
+        let mut links = Vec::new();
+        if layout == 2 {
+            let n = r.u32()? as usize;
+            for _ in 0..n.min(1 << 16) {
+                let p = ObjectId(r.arr()?);
+                links.push((p, r.bytes()?));
+            }
+        }
         Ok(ObjectState {
             version,
             kind,
             parent,
             name,
+            links,
             mode,
             mtime_ns,
             hash,
@@ -598,6 +637,7 @@ mod tests {
             kind: SyncKind::File,
             parent: ObjectId::random(),
             name: b"report.odt".to_vec(),
+            links: Vec::new(),
             mode: 0o644,
             mtime_ns: -5,
             hash: [9; 32],
@@ -607,6 +647,15 @@ mod tests {
             xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
         };
         assert_eq!(ObjectState::decode(&st.encode()).unwrap(), st);
+        assert_eq!(st.encode()[0], 1, "one name: the layout older builds read");
         assert!(ObjectState::decode(&st.encode()[..20]).is_err());
+        let mut linked = st.clone();
+        linked.set_names(vec![
+            (ObjectId::ROOT, b"z".to_vec()),
+            (ObjectId::ROOT, b"a".to_vec()),
+        ]);
+        assert_eq!(linked.name, b"a".to_vec());
+        assert_eq!(linked.encode()[0], 2);
+        assert_eq!(ObjectState::decode(&linked.encode()).unwrap(), linked);
     }
 }

@@ -27,6 +27,7 @@ fn sample(ino: u64) -> Inode {
         flags: 0,
         symlink: b"target/with/slashes".to_vec(),
         name: b"a name".to_vec(),
+        links: Vec::new(),
     }
 }
 
@@ -34,6 +35,33 @@ fn sample(ino: u64) -> Inode {
 fn inode_record_round_trips() {
     let i = sample(42);
     assert_eq!(Inode::decode(42, &i.encode()).unwrap(), i);
+    assert_eq!(i.encode()[0], 1, "one name: the layout older builds read");
+    // Several names (hard links) keep every one of them.
+    let mut linked = sample(43);
+    linked.add_link(9, b"second");
+    linked.add_link(ROOT_INO, b"third name");
+    linked.nlink = 3;
+    let enc = linked.encode();
+    assert_eq!(enc[0], 2);
+    let back = Inode::decode(43, &enc).unwrap();
+    assert_eq!(back, linked);
+    for cut in 0..enc.len() {
+        let _ = Inode::decode(43, &enc[..cut]);
+    }
+}
+
+#[test]
+fn removing_the_first_name_promotes_the_oldest_other_link() {
+    let mut i = sample(5);
+    i.add_link(7, b"b");
+    i.add_link(8, b"c");
+    assert!(i.remove_link(ROOT_INO, b"a name"));
+    assert_eq!((i.parent, i.name.as_slice()), (7, &b"b"[..]));
+    assert_eq!(i.links, vec![(8, b"c".to_vec())]);
+    assert!(!i.remove_link(ROOT_INO, b"a name"), "already gone");
+    i.move_link(8, b"c", 9, b"d");
+    let names: Vec<(u64, Vec<u8>)> = i.names().map(|(p, n)| (p, n.to_vec())).collect();
+    assert_eq!(names, vec![(7, b"b".to_vec()), (9, b"d".to_vec())]);
 }
 
 #[test]

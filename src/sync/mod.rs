@@ -28,7 +28,9 @@ use parking_lot::Mutex;
 pub use report::SyncReport;
 
 use crate::changelog::payload::strip;
-use crate::changelog::{decode_transaction, encode_changelog_checked, ChangeLog, Transaction};
+use crate::changelog::{
+    decode_transaction, encode_changelog_checked, ChangeLog, ObjectId, OpKind, Transaction,
+};
 use crate::client::{Client, ClientError, DeviceConfig};
 use crate::engine::{Action, Engine, EngineConfig, PersistedState, RequestId};
 use crate::fs::apply::{ApplyError, Invalidation};
@@ -108,15 +110,24 @@ impl Shared {
 }
 
 impl CommitSink for Shared {
-    fn local_commit(&self, txs: &[Transaction]) -> Result<(), String> {
+    fn local_commit(&self, txs: &[Transaction]) -> Result<(), crate::fs::capture::Refused> {
         let mut e = self.engine.lock();
         for (n, tx) in txs.iter().enumerate() {
             if let Err(err) = e.handle_local_commit(now_ms(), strip(tx)) {
-                tracing::error!("a local change does not apply to the sync state: {err}");
+                tracing::debug!("a local change does not apply to the sync state: {err}");
                 if n > 0 {
                     self.recover(&mut e, "a local transaction was refused");
                 }
-                return Err(err.to_string());
+                let object = match &err {
+                    crate::engine::EngineError::InvalidLocalTransaction(t)
+                    | crate::engine::EngineError::InconsistentState(t) => {
+                        t.object().or_else(|| name_taker(tx, t))
+                    }
+                };
+                return Err(crate::fs::capture::Refused {
+                    object,
+                    message: err.to_string(),
+                });
             }
         }
         self.wake.notify_one();
@@ -127,6 +138,24 @@ impl CommitSink for Shared {
         let mut e = self.engine.lock();
         self.recover(&mut e, "the store refused a local commit");
     }
+}
+
+/// The op of `tx` that wanted the name a [`TreeError::NameTaken`] refusal names.
+fn name_taker(tx: &Transaction, err: &crate::engine::TreeError) -> Option<ObjectId> {
+    let crate::engine::TreeError::NameTaken { parent, name } = err else {
+        return None;
+    };
+    tx.ops.iter().find_map(|op| {
+        let (p, n) = match &op.kind {
+            OpKind::Create { parent, name, .. } | OpKind::Link { parent, name } => (parent, name),
+            OpKind::Rename {
+                new_parent,
+                new_name,
+            } => (new_parent, new_name),
+            _ => return None,
+        };
+        (p == parent && n == name).then_some(op.object)
+    })
 }
 
 /// The running sync driver; stops when [`Syncer::stop`] is called.

@@ -236,15 +236,23 @@ pub fn run(
     rec.reconcile();
 
     let sealer_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    home.save_set_aside(&[]);
     let sealer = {
         let core = Arc::clone(&core);
         let stop = Arc::clone(&sealer_stop);
+        let home = home.clone();
         std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
+                let mut aside_seen = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(SEAL_TICK);
                     core.seal_if_due(false);
+                    let (generation, notes) = core.capture().aside_notes();
+                    if generation != aside_seen {
+                        home.save_set_aside(&notes);
+                        aside_seen = generation;
+                    }
                 }
             })?
     };

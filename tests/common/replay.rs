@@ -1,6 +1,5 @@
-//! The outbox of a mount, decoded and replayed onto an empty tree the way the server applies
-//! it (a Create or Rename needs its folder and a free name; a folder Delete needs an empty
-//! folder), to compare with the mounted tree.
+//! The outbox of a mount, decoded and replayed onto an empty tree with the rules the server
+//! and the engine share (`deltadrive::engine::Tree`), to compare with the mounted tree.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -31,80 +30,35 @@ pub fn pending(home: &Path) -> usize {
 pub struct Obj {
     pub parent: ObjectId,
     pub name: Vec<u8>,
+    /// Other names (hard links).
+    pub links: Vec<(ObjectId, Vec<u8>)>,
     pub kind: ObjectKind,
     pub content: Vec<u8>,
     pub version: u64,
 }
 
-fn name_taken(m: &HashMap<ObjectId, Obj>, parent: ObjectId, name: &[u8]) -> bool {
-    m.values().any(|o| o.parent == parent && o.name == name)
-}
-
-fn check_parent(m: &HashMap<ObjectId, Obj>, parent: ObjectId, op: &impl std::fmt::Debug) {
-    assert!(
-        parent == ObjectId::ROOT
-            || m.get(&parent)
-                .is_some_and(|p| matches!(p.kind, ObjectKind::Directory)),
-        "parent folder missing for {op:?}"
-    );
-}
-
-/// Applies transactions to a model of the server's tree, checking what the server checks.
+/// Applies transactions to a model of the server's tree, with the rules the server and the
+/// engine share (`deltadrive::engine::Tree`), and keeps each file's content.
 pub fn replay(txs: &[Transaction]) -> HashMap<ObjectId, Obj> {
-    let mut m: HashMap<ObjectId, Obj> = HashMap::new();
+    let mut tree = deltadrive::engine::Tree::new();
+    let mut content: HashMap<ObjectId, Vec<u8>> = HashMap::new();
     for tx in txs {
         for op in &tx.ops {
-            if let OpKind::Create {
-                parent, name, kind, ..
-            } = &op.kind
-            {
-                assert_eq!(op.base_version, 0);
-                assert!(!m.contains_key(&op.object), "created twice: {op:?}");
-                check_parent(&m, *parent, op);
-                assert!(!name_taken(&m, *parent, &name.0), "name taken: {op:?}");
-                m.insert(
-                    op.object,
-                    Obj {
-                        parent: *parent,
-                        name: name.0.clone(),
-                        kind: kind.clone(),
-                        content: Vec::new(),
-                        version: 1,
-                    },
-                );
-                continue;
-            }
-            if let OpKind::Rename {
-                new_parent,
-                new_name,
-            } = &op.kind
-            {
-                check_parent(&m, *new_parent, op);
-                assert!(
-                    !name_taken(&m, *new_parent, &new_name.0),
-                    "name taken: {op:?}"
-                );
-            }
-            if matches!(op.kind, OpKind::Delete) {
-                assert!(
-                    !m.values().any(|o| o.parent == op.object),
-                    "delete of a folder that is not empty: {op:?}"
-                );
-            }
-            let o = m
-                .get_mut(&op.object)
-                .unwrap_or_else(|| panic!("op on unknown object: {op:?}"));
-            assert_eq!(o.version, op.base_version, "ops chain versions: {op:?}");
-            o.version = op.new_version;
+            tree.apply_op(op)
+                .unwrap_or_else(|e| panic!("the server would refuse {op:?}: {e}"));
             match &op.kind {
+                OpKind::Create { .. } => {
+                    content.insert(op.object, Vec::new());
+                }
                 OpKind::Write {
                     base_hash,
                     new_hash,
                     new_size,
                     delta,
                 } => {
-                    o.content = deltadrive::delta::apply_checked(
-                        &o.content,
+                    let c = content.entry(op.object).or_default();
+                    *c = deltadrive::delta::apply_checked(
+                        c,
                         base_hash,
                         delta,
                         new_hash,
@@ -113,22 +67,35 @@ pub fn replay(txs: &[Transaction]) -> HashMap<ObjectId, Obj> {
                     )
                     .unwrap_or_else(|e| panic!("delta does not apply: {e}"));
                 }
-                OpKind::Truncate { new_size, .. } => o.content.resize(*new_size as usize, 0),
-                OpKind::Rename {
-                    new_parent,
-                    new_name,
-                } => {
-                    o.parent = *new_parent;
-                    o.name = new_name.0.clone();
+                OpKind::Truncate { new_size, .. } => {
+                    content
+                        .entry(op.object)
+                        .or_default()
+                        .resize(*new_size as usize, 0);
                 }
                 OpKind::Delete => {
-                    m.remove(&op.object);
+                    content.remove(&op.object);
                 }
                 _ => {}
             }
         }
     }
-    m
+    tree.objects()
+        .filter(|o| o.id != ObjectId::ROOT)
+        .map(|o| {
+            (
+                o.id,
+                Obj {
+                    parent: o.parent,
+                    name: o.name.0.clone(),
+                    links: o.links.iter().map(|(p, n)| (*p, n.0.clone())).collect(),
+                    kind: o.kind.clone(),
+                    content: content.get(&o.id).cloned().unwrap_or_default(),
+                    version: o.version,
+                },
+            )
+        })
+        .collect()
 }
 
 /// A tree: path → Some(content) for files, None for folders, Some(target) for symlinks.
@@ -136,8 +103,10 @@ pub type Tree = BTreeMap<String, Option<Vec<u8>>>;
 
 /// The tree of a replayed model.
 pub fn model_tree(m: &HashMap<ObjectId, Obj>) -> Tree {
-    let path_of = |mut id: ObjectId| {
-        let mut parts = Vec::new();
+    // Folders have one name; a file may have several (each is a path of the tree).
+    let path_of = |parent: ObjectId, name: &[u8]| {
+        let mut parts = vec![String::from_utf8_lossy(name).into_owned()];
+        let mut id = parent;
         while id != ObjectId::ROOT {
             let o = &m[&id];
             parts.push(String::from_utf8_lossy(&o.name).into_owned());
@@ -147,17 +116,21 @@ pub fn model_tree(m: &HashMap<ObjectId, Obj>) -> Tree {
         parts.join("/")
     };
     let mut out = BTreeMap::new();
-    for (id, o) in m {
+    for o in m.values() {
         let v = match &o.kind {
             ObjectKind::Directory => None,
             ObjectKind::File => Some(o.content.clone()),
             ObjectKind::Symlink { target } => Some(target.clone()),
         };
-        let path = path_of(*id);
-        assert!(
-            out.insert(path.clone(), v).is_none(),
-            "two objects at {path} after replay"
-        );
+        let names = std::iter::once((o.parent, o.name.as_slice()))
+            .chain(o.links.iter().map(|(p, n)| (*p, n.as_slice())));
+        for (parent, name) in names {
+            let path = path_of(parent, name);
+            assert!(
+                out.insert(path.clone(), v.clone()).is_none(),
+                "two objects at {path} after replay"
+            );
+        }
     }
     out
 }

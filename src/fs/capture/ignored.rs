@@ -77,7 +77,21 @@ impl Sealer<'_> {
                 out.push(it);
                 continue;
             };
-            let ignored = scopes.ignored(self, &inode)?;
+            // Each name is judged: a file linked from a temporary name to a normal one
+            // travels under the normal one; it is ignored only when every name is.
+            let ignored = if inode.links.is_empty() {
+                scopes.ignored(self, &inode)?
+            } else {
+                let mut keep = Vec::new();
+                for (parent, name) in inode.names() {
+                    if !scopes.ignored_at(self, parent, name, false)? {
+                        keep.push((parent, name.to_vec()));
+                    }
+                }
+                let none = keep.is_empty();
+                it.names = Some(keep);
+                none
+            };
             match (ignored, it.state.is_some()) {
                 (true, false) => {
                     b.clear_pending(&it.object);
@@ -170,6 +184,7 @@ impl Sealer<'_> {
                             flags: PendingFlags { rewritten: true },
                             inode: Some(child),
                             state,
+                            names: None,
                         });
                     }
                     (false, true) if is_dir => {
@@ -208,6 +223,7 @@ impl Sealer<'_> {
                         flags: PendingFlags::default(),
                         inode: None,
                         state: Some(state),
+                        names: None,
                     });
                 }
             }
@@ -247,6 +263,7 @@ impl Sealer<'_> {
                     flags: PendingFlags { rewritten: true },
                     inode: Some(child),
                     state: None,
+                    names: None,
                 });
             }
         }
@@ -297,6 +314,18 @@ impl Scopes {
         let sc = s.capture.ignore().scope_of(s.store, dir)?;
         self.inside.insert(dir, sc.clone());
         Ok(sc)
+    }
+
+    /// Whether the name `name` in folder `dir` is ignored.
+    fn ignored_at(
+        &mut self,
+        s: &Sealer<'_>,
+        dir: u64,
+        name: &[u8],
+        is_dir: bool,
+    ) -> Result<bool, StoreError> {
+        let scope = self.of(s, dir)?;
+        Ok(s.capture.ignore().is_ignored_in(&scope, name, is_dir))
     }
 
     /// Whether `inode`'s current path is ignored.

@@ -197,6 +197,9 @@ pub struct ObjectView {
     pub seq: u64,
     /// Extended attributes: name hex → value hex.
     pub xattrs: std::collections::BTreeMap<String, String>,
+    /// The object's other names (hard links): `[parent hex, name hex]` each.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub links: Vec<[String; 2]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -235,6 +238,11 @@ pub async fn snapshot(
                     .xattrs
                     .iter()
                     .map(|(k, v)| (hex::encode(k), hex::encode(v)))
+                    .collect(),
+                links: o
+                    .links
+                    .iter()
+                    .map(|(p, n)| [hex::encode(p), hex::encode(n)])
                     .collect(),
             }
         })

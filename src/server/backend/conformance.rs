@@ -9,6 +9,7 @@ use super::{
 
 fn object(id: u8, parent: u8, name: &str) -> ObjectState {
     ObjectState {
+        links: Vec::new(),
         id: [id; 16],
         parent: [parent; 16],
         name: name.as_bytes().to_vec(),

@@ -93,6 +93,10 @@ pub struct ObjectState {
     pub id: [u8; 16],
     pub parent: [u8; 16],
     pub name: Vec<u8>,
+    /// The object's other names (hard links), sorted; (`parent`, `name`) is the least of
+    /// all its names. Absent in records written before names could be several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<([u8; 16], Vec<u8>)>,
     pub kind: StoredKind,
     pub version: u64,
     pub mode: u32,
