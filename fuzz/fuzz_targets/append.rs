@@ -223,7 +223,7 @@ impl Program {
                 let mut new = base[..at].to_vec();
                 new.extend_from_slice(&insert);
                 new.extend_from_slice(&base[at + cut..]);
-                let block = u32::from(input.byte()?) * 16 + 1;
+                let block = u32::from(input.byte()?) * 64 + 256;
                 let signature = delta::BlockSignature::calculate_with_block_size(&base, block);
                 let d = delta::rsync_delta(&signature, &new).expect("diff");
                 (
@@ -240,9 +240,20 @@ impl Program {
                 // Raw rsync bytes (with the format's magic), e.g. copy commands asking for far
                 // more than the stated size.
                 let new_size = size(input.byte()?, input.u16()?);
-                let len = usize::from(input.byte()?);
                 let mut raw = vec![0x72, 0x73, 0x02, 0x36];
-                raw.extend_from_slice(input.bytes(len));
+                if action & 0x20 != 0 {
+                    // Copies of the whole base, up to 20,000 of them: a result of gigabytes.
+                    let copies = usize::from(input.u16()?) % 20_000;
+                    let len = u32::try_from(base.len()).unwrap_or(u32::MAX);
+                    for _ in 0..copies {
+                        raw.extend_from_slice(&[0x47, 0]);
+                        raw.extend_from_slice(&len.to_be_bytes());
+                    }
+                    raw.push(0);
+                } else {
+                    let len = usize::from(input.u16()?) % 4096;
+                    raw.extend_from_slice(input.bytes(len));
+                }
                 expect = Expect::Maybe;
                 (
                     OpKind::Write {
