@@ -15,10 +15,9 @@ export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"
 # As cargo-fuzz: coverage counters, comparison tracing, the `fuzzing` cfg, debug assertions.
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
--Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks \
--Ccodegen-units=1"
+-Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 # --target keeps the flags off build scripts and proc macros.
-cargo build --release --bin "$target" --target "$triple"
+cargo build --release --locked --bin "$target" --target "$triple"
 [ -z "${FUZZ_BUILD_ONLY:-}" ] || exit 0
 mkdir -p "corpus/$target" "artifacts/$target"
 exec "$CARGO_TARGET_DIR/$triple/release/$target" -artifact_prefix="artifacts/$target/" \
