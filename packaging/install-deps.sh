@@ -7,7 +7,9 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   fuse3 libfuse3-dev clang libclang-dev pkg-config build-essential ca-certificates \
   rsync fio sqlite3 attr procps postgresql libglib2.0-bin python3 dosfstools fusefat >/dev/null
-# (postgresql: tests/scaleout-env.sh runs a throwaway cluster from its binaries;
+# (build-essential: also libFuzzer, which scripts/fuzz.sh builds for the fuzz targets on the
+# stable toolchain, so neither nightly nor cargo-fuzz is needed;
+# postgresql: tests/scaleout-env.sh runs a throwaway cluster from its binaries;
 # libglib2.0-bin: gio, as file managers use it, in tests/sync.rs; dosfstools: mkfs.vfat for
 # the watched folder on a vfat image in tests/watch.rs; fusefat: mounts that image where the
 # kernel has no vfat driver, through FUSE.)

@@ -12,11 +12,31 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked -- --test-threads 2
-echo "== scale-out backend (PostgreSQL + S3): conformance, API suite, replicas"
+echo "== scale-out backend (PostgreSQL + S3): conformance, API suite, limits, replicas"
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
   cargo test --locked --lib server::backend::postgres_s3 -- --test-threads 2
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
-  cargo test --locked --test api --test replicas -- --test-threads 2
+  cargo test --locked --test api --test limits --test replicas -- --test-threads 2
+echo "== fuzz, short run (decoder, then the append path; stable toolchain, scripts/fuzz.sh)"
+fuzz_dir="$CARGO_TARGET_DIR/fuzz"
+for t in decode_changelog append; do
+  FUZZ_TARGET_DIR="$fuzz_dir" FUZZ_BUILD_ONLY=1 bash scripts/fuzz.sh "$t"
+done
+# A crash, a leak of the 512 MiB limit or a slow unit fails the run, with the fuzzer's report.
+fuzz_short() {
+  local log
+  log=$(mktemp /tmp/deltadrive-fuzz.XXXXXX)
+  if FUZZ_TARGET_DIR="$fuzz_dir" bash scripts/fuzz.sh "$1" -max_total_time="$2" \
+    -rss_limit_mb=512 -timeout=60 >"$log" 2>&1; then
+    tail -n 2 "$log"
+  else
+    tail -n 60 "$log"
+    echo "fuzz target $1 failed (fuzz/artifacts/$1/)"
+    return 1
+  fi
+}
+fuzz_short decode_changelog 20
+fuzz_short append 40
 echo "== benchmark harness, quick mode (proves it still runs; asserts no speed)"
 bench_out=$(mktemp -d /tmp/deltadrive-bench.XXXXXX)
 python3 bench/run --quick --bin "$CARGO_TARGET_DIR/debug/deltadrive" --out "$bench_out"

@@ -902,7 +902,10 @@ async fn content_from_whole_ranges_and_rsync_deltas_and_history() {
         .map(|e| e["version"].as_u64().unwrap())
         .collect();
     assert_eq!(versions, vec![3, 4, 5]);
-    assert_eq!(h[0]["device"], "test-device");
+    assert_eq!(
+        h[0]["device"], "laptop",
+        "the token's device, not the claimed one"
+    );
     assert_eq!(c.content(&id, Some(3), None).await.unwrap(), v2);
     assert_eq!(c.content(&id, Some(4), None).await.unwrap(), v3);
     let e = c.content(&id, Some(1), None).await.unwrap_err();

@@ -628,6 +628,11 @@ fn history_lists_versions_and_restore_brings_one_back_everywhere() {
         ));
     }
     assert!(text.contains("(current)"), "{text}");
+    // Each version names the device whose token saved it (the server's record).
+    assert!(
+        text.lines().filter(|l| l.contains("  dev0  ")).count() >= 3,
+        "{text}"
+    );
     // The oldest version listed is the first save.
     let versions: Vec<u64> = text
         .lines()

@@ -31,6 +31,9 @@ pub struct HomeArg {
     pub home: Option<PathBuf>,
 }
 
+// Parsed once per process: the server's many flags make its variant large, and that costs
+// nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the storage and management server
@@ -121,6 +124,22 @@ pub struct ServerArgs {
     /// How many versions of each file's content the server keeps
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub history_versions: usize,
+    /// Most work one append may do, in bytes read, produced and hashed (an op counts 1 KiB;
+    /// a truncate that grows a file hashes the zeros it adds); 413 beyond
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 30)]
+    pub max_append_work_bytes: u64,
+    /// Memory all appends in progress may hold together (bodies, decoded logs, new content),
+    /// in bytes; an append that needs more than all of it gets 413
+    #[arg(long, value_name = "BYTES", default_value_t = 2 << 30)]
+    pub append_memory_bytes: u64,
+    /// How long an append waits for memory held by other appends before it gets 503 with
+    /// Retry-After, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 5_000)]
+    pub append_memory_wait_ms: u64,
+    /// Largest base and result of an rsync delta the server applies, in bytes (both are held
+    /// whole in memory); 413 beyond
+    #[arg(long, value_name = "BYTES", default_value_t = 512 << 20)]
+    pub max_rsync_bytes: u64,
     /// Longest a long poll (`GET /v1/log/wait`) waits, in milliseconds
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub max_wait_ms: u64,

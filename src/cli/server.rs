@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use super::ServerArgs;
 use crate::server::backend::postgres_s3::PostgresS3Config;
+use crate::server::limits::AppendLimits;
 use crate::server::storage::StorageConfig;
 use crate::server::{BackendConfig, ServerConfig};
 
@@ -47,6 +48,12 @@ pub fn server(args: ServerArgs) -> anyhow::Result<()> {
         storage: StorageConfig {
             max_object_bytes: args.max_object_bytes,
             history_versions: args.history_versions.max(1),
+            limits: AppendLimits {
+                work_bytes: args.max_append_work_bytes,
+                memory_bytes: args.append_memory_bytes,
+                memory_wait: Duration::from_millis(args.append_memory_wait_ms),
+                max_rsync_bytes: args.max_rsync_bytes,
+            },
         },
         max_wait: Duration::from_millis(args.max_wait_ms),
         public_url: args.public_url,

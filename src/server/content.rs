@@ -21,6 +21,7 @@ use crate::delta::DeltaError;
 
 use super::backend::{Backend, BackendError, ChunkId, ObjectState};
 use super::error::ApiError;
+use super::limits::Spend;
 
 /// Content is stored as chunks of this size (the last one shorter): one hash-tree leaf.
 pub const CHUNK_SIZE: usize = LEAF_LEN as usize;
@@ -92,7 +93,10 @@ pub async fn read_range(
     if start >= end {
         return Ok(Vec::new());
     }
-    let mut out = Vec::with_capacity(usize::try_from(end - start).unwrap_or(0));
+    // The size comes from a stored record: the allocation may fail, and is refused, not aborted.
+    let mut out = Vec::new();
+    out.try_reserve_exact(usize::try_from(end - start).unwrap_or(usize::MAX))
+        .map_err(|_| ApiError::Internal(format!("cannot hold {} bytes of content", end - start)))?;
     for i in start / CHUNK..end.div_ceil(CHUNK) {
         let bytes = read_stored(backend, &chunks[i as usize], chunk_len(size, i)).await?;
         let base = i * CHUNK;
@@ -264,15 +268,19 @@ impl Content {
         Ok(content)
     }
 
-    /// New content holding `bytes` (split into chunks, each copied once and hashed).
+    /// New content holding `bytes` (split into chunks that share its buffer, hashed on a
+    /// blocking thread).
     ///
     /// # Errors
     /// Only if the hashing task fails.
-    pub async fn from_bytes(bytes: &[u8]) -> Result<Content, ApiError> {
-        let parts = bytes
-            .chunks(CHUNK_SIZE)
+    pub async fn from_bytes(bytes: Bytes) -> Result<Content, ApiError> {
+        let parts = (0..bytes.len())
+            .step_by(CHUNK_SIZE)
             .enumerate()
-            .map(|(i, c)| (i as u64, Bytes::copy_from_slice(c), None))
+            .map(|(i, at)| {
+                let end = (at + CHUNK_SIZE).min(bytes.len());
+                (i as u64, bytes.slice(at..end), None)
+            })
             .collect();
         let mut content = Content {
             size: bytes.len() as u64,
@@ -351,6 +359,50 @@ impl Content {
         Ok(out)
     }
 
+    /// Charges what [`Content::apply_ranges`] will do, before it reads or hashes anything: the
+    /// work is every chunk it hashes (the chunks the ranges touch, the chunk holding the cut
+    /// point and every chunk past it), the memory every such chunk but the whole chunks of
+    /// zeros past the old end (shared, not held).
+    async fn charge_ranges(
+        &self,
+        new_size: u64,
+        ranges: &[(u64, Vec<u8>)],
+        spend: &mut Spend,
+    ) -> Result<(), ApiError> {
+        let kept = self.size.min(new_size);
+        // The resize: from the chunk holding the cut point to the new end (counted in bytes,
+        // without listing the chunks: a truncate may ask for millions of them).
+        let resized_from = kept / CHUNK;
+        let resize_work = new_size.saturating_sub(resized_from * CHUNK);
+        let resize_memory = resize_work.min(2 * CHUNK);
+        let mut touched = std::collections::BTreeSet::new();
+        for (offset, bytes) in ranges {
+            if bytes.is_empty() {
+                continue;
+            }
+            let last = (offset + bytes.len() as u64 - 1) / CHUNK;
+            touched.extend(offset / CHUNK..=last);
+        }
+        let ranges_work: u64 = touched.iter().map(|i| chunk_len(new_size, *i) as u64).sum();
+        let outside: u64 = touched
+            .iter()
+            .filter(|i| **i < resized_from)
+            .map(|i| chunk_len(new_size, *i) as u64)
+            .sum();
+        let what = if ranges.is_empty() {
+            format!("resizing a file of {} bytes to {new_size}", self.size)
+        } else {
+            format!("a write of {} ranges", ranges.len())
+        };
+        spend
+            .charge(
+                resize_work.saturating_add(outside),
+                resize_memory.saturating_add(ranges_work),
+                &what,
+            )
+            .await
+    }
+
     /// Chunk `i` (of the old content) as its first `keep` bytes, then zeros up to `len`.
     async fn old_bytes(
         &self,
@@ -370,15 +422,18 @@ impl Content {
     /// Resizes the content to `new_size` (cut, or extended with zeros), then writes each
     /// range's bytes at its offset, in order: a `Delta::Ranges`, or a `Truncate` with no range.
     /// Reads only the old chunks a range covers in part or the resize cuts, hashes only the
-    /// chunks that change. The caller checks the size cap and the resulting hash.
+    /// chunks that change, after charging that work and memory to `spend`. The caller checks
+    /// the size cap and the resulting hash.
     ///
     /// # Errors
-    /// 422 for a range past `new_size` (nothing changed then); a missing chunk (500).
+    /// 422 for a range past `new_size`, 413 over the work budget, 503 when the memory budget
+    /// stays full (nothing changed then); a missing chunk (500).
     pub async fn apply_ranges(
         &mut self,
         backend: &dyn Backend,
         new_size: u64,
         ranges: &[(u64, Vec<u8>)],
+        spend: &mut Spend,
     ) -> Result<(), ApiError> {
         for (index, (offset, bytes)) in ranges.iter().enumerate() {
             let len = bytes.len() as u64;
@@ -391,6 +446,7 @@ impl Content {
                 }));
             }
         }
+        self.charge_ranges(new_size, ranges, spend).await?;
         let kept = self.size.min(new_size);
         let new_count = chunk_count(new_size);
         let old_count = self.chunks.len() as u64;

@@ -41,6 +41,12 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("{0}")]
     RangeNotSatisfiable(String),
+    /// Over a per-request limit of work or memory (413): smaller requests would pass.
+    #[error("{0}")]
+    OverLimit(String),
+    /// The server's shared budget stayed full (503 with `Retry-After`): try again later.
+    #[error("{0}")]
+    Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -54,7 +60,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::Stale(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) | ApiError::OverLimit(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,6 +84,7 @@ struct Body {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = matches!(self, ApiError::Busy(_));
         let (error, stale) = match self {
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "request failed");
@@ -91,6 +99,13 @@ impl IntoResponse for ApiError {
                 (other.to_string(), None)
             }
         };
-        (status, Json(Body { error, stale })).into_response()
+        let mut resp = (status, Json(Body { error, stale })).into_response();
+        if retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(super::limits::RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }

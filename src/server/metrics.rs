@@ -1,6 +1,6 @@
 //! Prometheus metrics of the server (`GET /metrics`, text format, names start with
-//! `deltadrive_`): requests by route and status, bytes in and out, appends, open long polls,
-//! errors. Counters only grow; the long-poll gauge is decremented by a guard on drop.
+//! `deltadrive_`): requests by method (standard ones, else `OTHER`), route and status, bytes in
+//! and out, appends, open long polls, errors. Counters only grow; the long-poll gauge is decremented by a guard on drop.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -105,6 +105,24 @@ fn content_length(h: &axum::http::HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
+/// The label of a request's method: one of the standard methods, or `OTHER`, so made-up
+/// methods cannot grow the metrics without bound.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
 /// Middleware counting every request by matched route and status.
 pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let route = req
@@ -112,7 +130,7 @@ pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> R
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
     m.bytes_in
         .fetch_add(content_length(req.headers()), Ordering::Relaxed);
     let resp = next.run(req).await;

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod backend;
 pub mod content;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod storage;
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::changelog::limits::{MAX_BODY_LEN, MAX_OPS_PER_LOG};
 use crate::changelog::{
     decode_changelog, empty_hash, encode_transaction, validate, ChangeLog, ContentHash, Delta,
     ObjectId, ObjectKind, Op, OpKind,
@@ -27,6 +28,7 @@ use super::backend::{
 };
 use super::content::{read_range, Content};
 use super::error::{ApiError, StaleOp};
+use super::limits::{AppendLimits, MemoryBudget, Reservation, Spend, WorkBudget, OP_WORK_BYTES};
 
 pub use super::content::CHUNK_SIZE;
 
@@ -37,6 +39,8 @@ pub struct StorageConfig {
     pub max_object_bytes: u64,
     /// How many versions of each file's content are kept.
     pub history_versions: usize,
+    /// The work and memory bounds of appends.
+    pub limits: AppendLimits,
 }
 
 /// The storage service shared by all requests.
@@ -44,6 +48,7 @@ pub struct Storage {
     backend: Arc<dyn Backend>,
     config: StorageConfig,
     heads: Arc<Heads>,
+    memory: Arc<MemoryBudget>,
 }
 
 /// The wake-up channels of the users with long polls in this process.
@@ -236,10 +241,15 @@ impl Storage {
                 Arc::downgrade(&heads),
             ));
         }
+        let memory = Arc::new(MemoryBudget::new(
+            config.limits.memory_bytes,
+            config.limits.memory_wait,
+        ));
         Storage {
             backend,
             config,
             heads,
+            memory,
         }
     }
 
@@ -261,58 +271,122 @@ impl Storage {
         self.heads.lock().remove(user);
     }
 
-    /// Appends an encoded change log to `user`'s log, all transactions or none.
+    /// The memory budget shared by every append of this process.
+    pub fn memory_budget(&self) -> &Arc<MemoryBudget> {
+        &self.memory
+    }
+
+    /// Appends an encoded change log to `user`'s log, sent by `device` (the token's device),
+    /// reserving the body's memory first; see [`Storage::append_reserved`].
     ///
     /// # Errors
-    /// 400 undecodable, 422 invalid, 409 stale base or a conflict with the current tree.
+    /// As [`Storage::append_reserved`].
     pub async fn append(
         &self,
         user: &str,
+        device: &str,
         idempotency_key: &str,
-        body: &[u8],
+        body: Bytes,
     ) -> Result<AppendRecord, ApiError> {
-        let log = decode_changelog(body)
-            .map_err(|e| ApiError::BadRequest(format!("cannot decode change log: {e}")))?;
+        let mut memory = self.memory.reservation();
+        memory.grow(body.len() as u64, "its body").await?;
+        self.append_reserved(user, device, idempotency_key, body, memory)
+            .await
+    }
+
+    /// Appends an encoded change log to `user`'s log, all transactions or none. `memory`
+    /// already holds the body's bytes; the append reserves what else it holds (the decoded
+    /// log, delta results, new chunks) before it allocates it, and charges its work to the
+    /// per-append budget before doing it. Decoding and hashing run on blocking threads. History
+    /// records name `device` and the server's time, not what the change log claims.
+    ///
+    /// # Errors
+    /// 400 undecodable, 422 invalid, 409 stale base or a conflict with the current tree, 413
+    /// over the work budget or larger than the whole memory budget, 503 when the memory budget
+    /// stayed full.
+    pub async fn append_reserved(
+        &self,
+        user: &str,
+        device: &str,
+        idempotency_key: &str,
+        body: Bytes,
+        mut memory: Reservation,
+    ) -> Result<AppendRecord, ApiError> {
+        memory
+            .grow(decode_memory(&body), "decoding its change log")
+            .await?;
+        let (log, body_hash) = tokio::task::spawn_blocking(move || {
+            let hash = *blake3::hash(&body).as_bytes();
+            let log = decode_changelog(&body)
+                .map_err(|e| ApiError::BadRequest(format!("cannot decode change log: {e}")))
+                .and_then(|log| {
+                    validate(&log)
+                        .map_err(|e| ApiError::Unprocessable(format!("invalid change log: {e}")))?;
+                    Ok(log)
+                });
+            (log, hash)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?;
+        let log = log?;
         let _lock = self.backend.lock_user(user.to_string()).await?;
         if let Some(rec) = self
             .backend
             .idempotency(user.to_string(), idempotency_key.to_string())
             .await?
         {
-            if rec.body_hash != *blake3::hash(body).as_bytes() {
+            if rec.body_hash != body_hash {
                 return Err(ApiError::Conflict(
                     "this Idempotency-Key was already used for a different change log".into(),
                 ));
             }
             return Ok(rec);
         }
-        validate(&log).map_err(|e| ApiError::Unprocessable(format!("invalid change log: {e}")))?;
         if log.transactions.is_empty() {
             return Err(ApiError::Unprocessable(
                 "the change log holds no transaction".into(),
             ));
         }
+        let mut spend = Spend {
+            work: WorkBudget::new(self.config.limits.work_bytes),
+            memory,
+        };
+        let ops: u64 = log.transactions.iter().map(|t| t.ops.len() as u64).sum();
+        spend
+            .work
+            .charge(ops.saturating_mul(OP_WORK_BYTES), &format!("its {ops} ops"))?;
         let head = self.backend.head(user.to_string()).await?;
-        let (mut batch, chunks) = self.check_and_apply(user, head, &log).await?;
+        let (mut batch, chunks) = self
+            .check_and_apply(user, device, head, &log, &mut spend)
+            .await?;
         let rec = AppendRecord {
             first_seq: head + 1,
             last_seq: head + log.transactions.len() as u64,
-            body_hash: *blake3::hash(body).as_bytes(),
+            body_hash,
         };
         batch.idempotency = (idempotency_key.to_string(), rec);
         // Content first, durably; then the metadata that names it.
         self.backend.put_chunks(chunks).await?;
         self.backend.commit(user.to_string(), batch).await?;
         self.notify(user, rec.last_seq);
+        tracing::debug!(
+            user,
+            work = spend.work.spent(),
+            memory = spend.memory.bytes(),
+            "append applied"
+        );
         Ok(rec)
     }
 
     async fn check_and_apply(
         &self,
         user: &str,
+        device: &str,
         head: u64,
         log: &ChangeLog,
+        spend: &mut Spend,
     ) -> Result<(CommitBatch, Vec<(ChunkId, Bytes)>), ApiError> {
+        let now = now_ms();
         let mut ov = Overlay {
             backend: self.backend.as_ref(),
             user,
@@ -346,10 +420,7 @@ impl Storage {
                 if first_error.is_some() || !stale.is_empty() {
                     continue;
                 }
-                if let Err(e) = self
-                    .apply_op(&mut ov, op, seq, tx.time_ms, &tx.device)
-                    .await
-                {
+                if let Err(e) = self.apply_op(&mut ov, op, seq, now, device, spend).await {
                     first_error = Some(match e {
                         ApiError::Conflict(m) => ApiError::Conflict(format!(
                             "transaction {i}, object {}: {m}",
@@ -441,6 +512,7 @@ impl Storage {
         seq: u64,
         time_ms: i64,
         device: &str,
+        spend: &mut Spend,
     ) -> Result<(), ApiError> {
         let id = op.object.0;
         let is_root = op.object == ObjectId::ROOT;
@@ -520,7 +592,7 @@ impl Storage {
                         self.config.max_object_bytes
                     )));
                 }
-                let content = self.apply_delta(ov, &s, delta, *new_size).await?;
+                let content = self.apply_delta(ov, &s, delta, *new_size, spend).await?;
                 check_result(&content, new_hash, *new_size)?;
                 s.version = op.new_version;
                 s.seq = seq;
@@ -535,7 +607,7 @@ impl Storage {
                 }
                 check_size(*new_size, self.config.max_object_bytes)?;
                 let mut c = ov.content_of(&s).await?;
-                c.apply_ranges(self.backend.as_ref(), *new_size, &[])
+                c.apply_ranges(self.backend.as_ref(), *new_size, &[], spend)
                     .await?;
                 if c.hash()? != *new_hash {
                     return Err(ApiError::Unprocessable(
@@ -691,16 +763,18 @@ impl Storage {
     }
 
     /// A `Write` op's new content: `Ranges` patches only the chunks it touches; `Whole` needs
-    /// no base; `Rsync` reads the whole base. The base is the file's current content, whose
-    /// hash the caller checked against the op's base hash. The result is not checked here.
+    /// no base; `Rsync` reads the whole base, so its base and result are capped by
+    /// [`AppendLimits::max_rsync_bytes`], and it may produce no more than the op's `new_size`.
+    /// The base is the file's current content, whose hash the caller checked against the op's
+    /// base hash. The result is not checked here. Work and memory are charged to `spend` first.
     async fn apply_delta(
         &self,
         ov: &Overlay<'_>,
         s: &ObjectState,
         delta: &Delta,
         new_size: u64,
+        spend: &mut Spend,
     ) -> Result<Content, ApiError> {
-        let cap = self.config.max_object_bytes;
         match delta {
             Delta::Whole(bytes) => {
                 if bytes.len() as u64 != new_size {
@@ -709,7 +783,10 @@ impl Storage {
                         actual: bytes.len() as u64,
                     }));
                 }
-                Content::from_bytes(bytes).await
+                spend
+                    .charge(new_size, new_size, "a whole-content write")
+                    .await?;
+                Content::from_bytes(Bytes::copy_from_slice(bytes)).await
             }
             Delta::Ranges {
                 new_size: size,
@@ -722,26 +799,55 @@ impl Storage {
                     }));
                 }
                 let mut c = ov.content_of(s).await?;
-                c.apply_ranges(self.backend.as_ref(), *size, ranges).await?;
+                c.apply_ranges(self.backend.as_ref(), *size, ranges, spend)
+                    .await?;
                 Ok(c)
             }
-            Delta::Rsync(_) => {
+            Delta::Rsync(rsync) => {
+                let cap = self.config.limits.max_rsync_bytes;
+                let base_size = ov.content.get(&s.id).map_or(s.size, Content::size);
+                for (what, size) in [("base", base_size), ("result", new_size)] {
+                    if size > cap {
+                        return Err(ApiError::OverLimit(format!(
+                            "an rsync delta's {what} of {size} bytes is over the server's \
+                             limit of {cap} bytes for rsync deltas: send ranges or the whole \
+                             content"
+                        )));
+                    }
+                }
+                // Read the base, apply, hash the result: the base, a copy of the delta for the
+                // blocking thread and the result are held at once.
+                spend
+                    .charge(
+                        base_size.saturating_add(new_size.saturating_mul(2)),
+                        base_size
+                            .saturating_add(new_size)
+                            .saturating_add(rsync.len() as u64),
+                        "an rsync delta",
+                    )
+                    .await?;
                 let backend = self.backend.as_ref();
                 // Stored content is read as is, without computing chaining values it may lack.
                 let base = match ov.content.get(&s.id) {
                     Some(c) => c.read_all(backend).await?,
                     None => read_range(backend, &s.chunks, s.size, 0, s.size).await?,
                 };
-                let limit = usize::try_from(cap).unwrap_or(usize::MAX);
-                let out = crate::delta::apply(&base, delta, limit).map_err(delta_error)?;
-                drop(base);
+                // The op says how large the result is: a delta producing more is refused as
+                // soon as it passes that, whatever the server's file size limit.
+                let limit = usize::try_from(new_size).unwrap_or(usize::MAX);
+                let delta = delta.clone();
+                let out =
+                    tokio::task::spawn_blocking(move || crate::delta::apply(&base, &delta, limit))
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("delta task failed: {e}")))?
+                        .map_err(delta_error)?;
                 if out.len() as u64 != new_size {
                     return Err(delta_error(DeltaError::ResultSizeMismatch {
                         expected: new_size,
                         actual: out.len() as u64,
                     }));
                 }
-                Content::from_bytes(&out).await
+                Content::from_bytes(Bytes::from(out)).await
             }
         }
     }
@@ -760,6 +866,32 @@ impl Storage {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch, by the server's clock.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The memory decoding `body` may take besides the body itself: the decompressed body its
+/// header declares (at most [`MAX_BODY_LEN`]) and the decoded log (the payloads again, and
+/// about 160 bytes per op, an op taking at least 19 bytes encoded). Nothing for a body that is
+/// not a change log: the decoder refuses it at once.
+fn decode_memory(body: &[u8]) -> u64 {
+    // The header (docs/change-log-format.md): magic, version, reserved, then the body length.
+    if body.get(..4) != Some(&crate::changelog::encoding::CHANGELOG_MAGIC[..]) {
+        return 0;
+    }
+    let Some(len) = body.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return 0;
+    };
+    let declared = u64::from_le_bytes(len).min(MAX_BODY_LEN);
+    let ops = (declared / 19).min(MAX_OPS_PER_LOG);
+    declared
+        .saturating_mul(2)
+        .saturating_add(ops.saturating_mul(160))
 }
 
 fn delta_error(e: DeltaError) -> ApiError {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -34,11 +34,13 @@ pub const MAX_PAGE_BYTES: usize = 16 << 20;
 /// Stored bytes read for one light page (what is sent is much smaller).
 pub const MAX_LIGHT_PAGE_BYTES: usize = 64 << 20;
 
+/// `POST /v1/log`. The body's memory is reserved from the appends' memory budget before the
+/// body is read (its `Content-Length`, or the largest body accepted when it has none).
 pub async fn append(
     auth: DeviceAuth,
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Json<AppendView>, ApiError> {
     let key = headers
         .get("idempotency-key")
@@ -51,8 +53,29 @@ pub async fn append(
             "the Idempotency-Key must be 1 to 128 printable ASCII characters".into(),
         ));
     }
-    let body = body.map_err(|e| body_error(e, state.config.max_request_bytes))?;
-    let rec = state.storage.append(&auth.user, &key, &body).await?;
+    let limit = state.config.max_request_bytes;
+    let length = match headers.get(header::CONTENT_LENGTH) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::BadRequest("the Content-Length header is not a number".into())
+            })?,
+        None => limit as u64,
+    };
+    if length > limit as u64 {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut memory = state.storage.memory_budget().reservation();
+    memory.grow(length, "its body").await?;
+    let body = Bytes::from_request(request, &state)
+        .await
+        .map_err(|e: BytesRejection| body_error(e, limit))?;
+    let rec = state
+        .storage
+        .append_reserved(&auth.user, &auth.device, &key, body, memory)
+        .await?;
     state
         .metrics
         .appended((rec.last_seq + 1).saturating_sub(rec.first_seq) as usize);

@@ -13,7 +13,12 @@
 
 #[cfg(test)]
 pub mod conformance;
+// The append-path fuzz target (`fuzz/`) includes this module by `#[path]` without the storage
+// engines (no RocksDB or PostgreSQL build), against the in-memory backend.
+#[cfg(not(fuzzing))]
 pub mod embedded;
+pub mod memory;
+#[cfg(not(fuzzing))]
 pub mod postgres_s3;
 
 use std::collections::BTreeMap;

@@ -135,6 +135,7 @@ fn counted(dir: &std::path::Path, max_object_bytes: u64) -> (Storage, Arc<Counti
         StorageConfig {
             max_object_bytes,
             history_versions: 3,
+            limits: crate::server::limits::AppendLimits::default(),
         },
     );
     (s, backend)
@@ -209,7 +210,7 @@ fn body(ops: Vec<Op>) -> Vec<u8> {
 
 async fn try_append(s: &Storage, ops: Vec<Op>) -> Result<AppendRecord, ApiError> {
     let key = hex::encode(rand::random::<[u8; 16]>());
-    s.append("u", &key, &body(ops)).await
+    s.append("u", "dev", &key, body(ops).into()).await
 }
 
 async fn append(s: &Storage, ops: Vec<Op>) {
