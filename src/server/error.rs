@@ -41,6 +41,12 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("{0}")]
     RangeNotSatisfiable(String),
+    /// Over a rate or concurrency limit: 429 with `Retry-After`.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,7 +62,17 @@ impl ApiError {
             ApiError::Conflict(_) | ApiError::Stale(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<super::access::Refused> for ApiError {
+    fn from(r: super::access::Refused) -> Self {
+        ApiError::TooManyRequests {
+            retry_after_secs: r.retry_after_secs(),
+            message: r.to_string(),
         }
     }
 }
@@ -77,6 +93,12 @@ struct Body {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let (error, stale) = match self {
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "request failed");
@@ -91,6 +113,13 @@ impl IntoResponse for ApiError {
                 (other.to_string(), None)
             }
         };
-        (status, Json(Body { error, stale })).into_response()
+        let mut resp = (status, Json(Body { error, stale })).into_response();
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        resp
     }
 }
