@@ -16,7 +16,7 @@ echo "== scale-out backend (PostgreSQL + S3): conformance, API suite, replicas"
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
   cargo test --locked --lib server::backend::postgres_s3 -- --test-threads 2
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
-  cargo test --locked --test api --test replicas -- --test-threads 2
+  cargo test --locked --test api --test replicas --test security -- --test-threads 2
 echo "== benchmark harness, quick mode (proves it still runs; asserts no speed)"
 bench_out=$(mktemp -d /tmp/deltadrive-bench.XXXXXX)
 python3 bench/run --quick --bin "$CARGO_TARGET_DIR/debug/deltadrive" --out "$bench_out"
