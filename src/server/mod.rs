@@ -197,7 +197,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 .await
                 .context("cannot load the TLS certificate and key")?;
             let mut server = axum_server::from_tcp(listener)?
-                .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(guarded));
+                .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(guarded))
+                // A connection that never sends a byte: hyper's header timeout starts only
+                // once the protocol is known.
+                .first_request_timeout(config.access.header_read_timeout);
             server
                 .http_builder()
                 .http1()
@@ -205,7 +208,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             server.handle(handle).serve(svc).await?;
         }
         None => {
-            let mut server = axum_server::from_tcp(listener)?.acceptor(guarded);
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(guarded)
+                .first_request_timeout(config.access.header_read_timeout);
             server
                 .http_builder()
                 .http1()
