@@ -150,7 +150,11 @@ fn pg(e: tokio_postgres::Error) -> BackendError {
             d.message(),
             d.code().code()
         )),
-        None => BackendError::Db(format!("postgres: {e}")),
+        // The cause (a missing password, a certificate refused) is in the source only.
+        None => match std::error::Error::source(&e) {
+            Some(cause) => BackendError::Db(format!("postgres: {e}: {cause}")),
+            None => BackendError::Db(format!("postgres: {e}")),
+        },
     }
 }
 
