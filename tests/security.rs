@@ -670,8 +670,7 @@ fn postgres_password_file_and_tls() {
     stop(c);
     // No password: refused by the database.
     let e = start_scaleout(tmp.path(), &args(&["--metadata-ca-file", &ca]), &[])
-        .err()
-        .expect("started without a password");
+        .expect_err("started without a password");
     assert!(e.contains("password"), "{e}");
     // A CA that did not sign the database's certificate: refused before the password goes.
     let e = start_scaleout(
@@ -684,7 +683,6 @@ fn postgres_password_file_and_tls() {
         ]),
         &[],
     )
-    .err()
-    .expect("started with a certificate its CA did not sign");
+    .expect_err("started with a certificate its CA did not sign");
     assert!(e.to_lowercase().contains("certificate"), "{e}");
 }

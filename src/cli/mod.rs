@@ -31,6 +31,8 @@ pub struct HomeArg {
     pub home: Option<PathBuf>,
 }
 
+// Parsed once per process: the server's many flags make one variant large, which costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the storage and management server
