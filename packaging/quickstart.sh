@@ -13,7 +13,8 @@ HOME_DEV=${DELTADRIVE_DEVICE_HOME:-/var/lib/deltadrive-device}
 LISTEN=${DELTADRIVE_LISTEN:-127.0.0.1:8080}
 USER_NAME=${DELTADRIVE_USER:-me}
 [ -x "$BIN" ] || { echo "no binary at $BIN: run cargo build --release first" >&2; exit 1; }
-mkdir -p "$DATA" "$HOME_DEV" "$MP"
+# The server's data, the device's home and the mount point hold users' content: root's alone.
+install -d -m 0700 "$DATA" "$HOME_DEV" "$MP"
 if ! curl -fsS "http://$LISTEN/healthz" >/dev/null 2>&1; then
   nohup "$BIN" server --listen "$LISTEN" --data "$DATA" >>"$DATA/server.log" 2>&1 &
   for _ in $(seq 1 100); do curl -fsS "http://$LISTEN/healthz" >/dev/null 2>&1 && break; sleep 0.1; done

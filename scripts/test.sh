@@ -16,7 +16,7 @@ echo "== scale-out backend (PostgreSQL + S3): conformance, API suite, limits, re
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
   cargo test --locked --lib server::backend::postgres_s3 -- --test-threads 2
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
-  cargo test --locked --test api --test limits --test replicas -- --test-threads 2
+  cargo test --locked --test api --test limits --test replicas --test security -- --test-threads 2
 echo "== fuzz, short run (decoder, then the append path; stable toolchain, scripts/fuzz.sh)"
 fuzz_dir="$CARGO_TARGET_DIR/fuzz"
 for t in decode_changelog append; do

@@ -506,9 +506,24 @@ fn helper_run_as_root_mounts_as_the_owner_of_the_home() {
         uid
     );
 
+    // Without allow_other the folder is the user's alone: not even root gets in.
+    assert!(
+        !mountinfo_line(&m.mp).contains("allow_other"),
+        "{}",
+        mountinfo_line(&m.mp)
+    );
+    let e = std::fs::write(m.mp.join("mine.txt"), b"x").expect_err("root is kept out");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    m.umount();
+    m.mount(&format!("home={},allow_other", m.home.display()));
+    assert!(
+        mountinfo_line(&m.mp).contains("allow_other"),
+        "{}",
+        mountinfo_line(&m.mp)
+    );
     std::fs::write(m.mp.join("mine.txt"), b"owned by the user's daemon\n").unwrap();
     m.umount();
-    m.mount(&format!("home={}", m.home.display()));
+    m.mount(&format!("home={},allow_other", m.home.display()));
     assert_eq!(
         std::fs::read(m.mp.join("mine.txt")).unwrap(),
         b"owned by the user's daemon\n"

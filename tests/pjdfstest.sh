@@ -15,7 +15,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-"$BIN" mount "$work/mnt" --home "$work/home"
+"$BIN" mount "$work/mnt" --home "$work/home" --allow-other
 # The suite works in a subfolder that every test user can enter.
 mkdir -p "$work/mnt/pjdfs" && chmod 777 "$work/mnt/pjdfs"
 set +e

@@ -541,3 +541,42 @@ fn bad_folders_are_refused_with_one_line() {
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
     assert_eq!(fs::read(&file).unwrap(), b"x");
 }
+
+#[test]
+fn setuid_and_setgid_bits_from_another_device_are_not_applied() {
+    let p = Pair::new(Watched::new());
+    // Folder → mount and mount → folder, each with the bits another device must not get.
+    fs::write(p.w.p("tool"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(p.w.p("tool"), fs::Permissions::from_mode(0o6755)).unwrap();
+    fs::write(p.m.path("other"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(p.m.path("other"), fs::Permissions::from_mode(0o4711)).unwrap();
+    let sticky = p.m.path("shared");
+    fs::create_dir(&sticky).unwrap();
+    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+    p.converge("files with setuid and setgid bits");
+    let mode = |path: PathBuf| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    // The permission bits arrive (they may come a moment after the content)...
+    p.wait("the mode of tool reaches the mount", || {
+        mode(p.m.path("tool")) & 0o777 == 0o755
+    });
+    p.wait("the mode of other reaches the folder", || {
+        mode(p.w.p("other")) & 0o777 == 0o711
+    });
+    p.wait("the sticky folder reaches the folder", || {
+        mode(p.w.p("shared")) == 0o1777
+    });
+    // ...the setuid and setgid bits never do; the sticky bit does.
+    assert_eq!(
+        mode(p.m.path("tool")),
+        0o755,
+        "setuid/setgid applied on the mount"
+    );
+    assert_eq!(
+        mode(p.w.p("other")),
+        0o711,
+        "setuid applied on the watched folder"
+    );
+    // Where they were set they stay.
+    assert_eq!(mode(p.w.p("tool")), 0o6755);
+    assert_eq!(mode(p.m.path("other")), 0o4711);
+}

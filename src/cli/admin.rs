@@ -48,6 +48,15 @@ pub fn admin(args: AdminArgs) -> anyhow::Result<()> {
                     client.remove_user(&name).await?;
                     println!("removed user {name}");
                 }
+                UserCommand::SetPassword {
+                    name,
+                    password_file,
+                } => {
+                    client
+                        .set_password(&name, &read_secret(&password_file)?)
+                        .await?;
+                    println!("set the password of {name}; each of its devices must log in again");
+                }
             },
             AdminCommand::Device { command } => match command {
                 DeviceCommand::List { user } => {

@@ -42,6 +42,8 @@ pub enum Command {
     Admin(AdminArgs),
     /// Log this device in to a server and remember its token in the home folder
     Login(LoginArgs),
+    /// Change the password of this device's user (other devices must log in again)
+    Passwd(PasswdArgs),
     /// Mount the synced folder (returns once the mount is ready)
     Mount(mount::MountArgs),
     /// Unmount a synced folder (also while files in it are open)
@@ -82,6 +84,15 @@ pub struct ServerArgs {
     /// Scale-out backend: PostgreSQL URL for the metadata (postgres://USER@HOST:PORT/DB)
     #[arg(long, value_name = "URL", requires = "objects")]
     pub metadata: Option<String>,
+    /// Scale-out backend: file holding the database password (first line), kept off the command
+    /// line and out of the URL [default: the environment variable DELTADRIVE_METADATA_PASSWORD]
+    #[arg(long, value_name = "F", requires = "metadata")]
+    pub metadata_password_file: Option<PathBuf>,
+    /// Scale-out backend: PEM file of the CA of the database's certificate; TLS is then required
+    /// and the certificate and host name verified (verify-full). Without it, TLS that the URL's
+    /// sslmode allows is verified against the system's roots
+    #[arg(long, value_name = "FILE", requires = "metadata")]
+    pub metadata_ca_file: Option<PathBuf>,
     /// Scale-out backend: the schema holding the tables (created if missing)
     #[arg(
         long,
@@ -143,9 +154,37 @@ pub struct ServerArgs {
     /// Longest a long poll (`GET /v1/log/wait`) waits, in milliseconds
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub max_wait_ms: u64,
-    /// The base URL devices are told to use for storage [default: the URL they reached]
+    /// The public base URL of this server, told to devices as their storage URL (set it behind
+    /// a TLS proxy: https://HOST) [default: derived from the request's Host header]
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
+    /// Login tries a minute from one client address (IPv6: one /64), also the burst; over it,
+    /// 429 before the password is checked
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub login_tries_per_address: u32,
+    /// Login tries a minute for one user name, also the burst (429 beyond)
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub login_tries_per_user: u32,
+    /// Threads that check passwords (argon2, ~19 MiB each while running)
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub password_threads: usize,
+    /// Password checks that may wait for a thread (429 beyond)
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub password_queue: usize,
+    /// Largest JSON request body (login, admin and password routes), in bytes (413 beyond)
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 10)]
+    pub max_json_bytes: usize,
+    /// Longest wait for a request's headers, in seconds (also closes idle HTTP/1 keep-alive
+    /// connections)
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    pub header_read_timeout_secs: u64,
+    /// A connection on which nothing moves for this many seconds is closed (at least the long
+    /// poll's --max-wait-ms plus 10 s)
+    #[arg(long, value_name = "S", default_value_t = 120)]
+    pub idle_timeout_secs: u64,
+    /// Open connections at most; further ones are closed at once
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_connections: usize,
 }
 
 #[derive(Args, Debug)]
@@ -187,6 +226,13 @@ pub enum UserCommand {
     List,
     /// Remove a user and all their data
     Remove { name: String },
+    /// Set a user's password; every device of the user must log in again
+    SetPassword {
+        name: String,
+        /// File holding the new password (first line)
+        #[arg(long, value_name = "P")]
+        password_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,6 +260,18 @@ pub struct LoginArgs {
     /// PEM file of a CA to trust for an HTTPS server with a private certificate
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    #[command(flatten)]
+    pub home: HomeArg,
+}
+
+#[derive(Args, Debug)]
+pub struct PasswdArgs {
+    /// File holding the current password (first line) [default: prompt]
+    #[arg(long, value_name = "F")]
+    pub old_password_file: Option<PathBuf>,
+    /// File holding the new password (first line) [default: prompt twice]
+    #[arg(long, value_name = "F")]
+    pub new_password_file: Option<PathBuf>,
     #[command(flatten)]
     pub home: HomeArg,
 }
@@ -281,6 +339,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(a) => server::server(a),
         Command::Admin(a) => admin::admin(a),
         Command::Login(a) => login::login(a),
+        Command::Passwd(a) => login::passwd(a),
         Command::Man(a) => docs::man(a),
         Command::Outbox(a) => mount::outbox(a),
         Command::Completions(a) => docs::completions(a),

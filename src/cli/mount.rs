@@ -49,6 +49,10 @@ pub struct MountArgs {
     /// recently used evicted first (bytes, or with a K/M/G/T suffix)
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Let other local users (and root) reach the mounted folder, within its files' modes
+    /// (needs root or user_allow_other in /etc/fuse.conf); by default only the mounting user can
+    #[arg(long)]
+    pub allow_other: bool,
 }
 
 /// Parses `123`, `100M`, `10G`, `1.5T` (powers of 1024; a trailing `B`/`iB` is accepted).
@@ -102,6 +106,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
         on_demand: args.on_demand.then_some(crate::fs::ondemand::OnDemand {
             cache_bytes: args.cache_size,
         }),
+        allow_other: args.allow_other,
     };
     if args.foreground {
         return run_reporting_ready(|ready| {
@@ -128,6 +133,9 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
     daemon_args.push("--quiet-ms".into());
     daemon_args.push(args.quiet_ms.to_string().into());
+    if args.allow_other {
+        daemon_args.push("--allow-other".into());
+    }
     if args.on_demand {
         daemon_args.push("--on-demand".into());
         daemon_args.push("--cache-size".into());
@@ -145,6 +153,7 @@ pub fn watch(args: crate::cli::WatchArgs) -> anyhow::Result<()> {
         writeback_cache: false,
         quiet_period: std::time::Duration::from_millis(args.quiet_ms),
         on_demand: None,
+        allow_other: false,
     };
     if args.foreground {
         return run_reporting_ready(|ready| crate::watch::run(&home, &args.dir, options, ready));

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::ServerArgs;
+use crate::server::access::AccessConfig;
 use crate::server::backend::postgres_s3::PostgresS3Config;
 use crate::server::limits::AppendLimits;
 use crate::server::storage::StorageConfig;
@@ -25,7 +26,15 @@ pub fn server(args: ServerArgs) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            let password = match &args.metadata_password_file {
+                Some(f) => Some(super::admin::read_secret(f)?),
+                None => std::env::var("DELTADRIVE_METADATA_PASSWORD")
+                    .ok()
+                    .filter(|p| !p.is_empty()),
+            };
             BackendConfig::PostgresS3(PostgresS3Config {
+                password,
+                ca_file: args.metadata_ca_file,
                 metadata,
                 schema: args.metadata_schema,
                 objects,
@@ -57,7 +66,28 @@ pub fn server(args: ServerArgs) -> anyhow::Result<()> {
         },
         max_wait: Duration::from_millis(args.max_wait_ms),
         public_url: args.public_url,
+        access: AccessConfig {
+            login_per_address_per_minute: args.login_tries_per_address,
+            login_per_user_per_minute: args.login_tries_per_user,
+            password_threads: args.password_threads,
+            password_queue: args.password_queue,
+            max_json_bytes: args.max_json_bytes,
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            max_connections: args.max_connections,
+        },
     };
+    anyhow::ensure!(
+        config.access.idle_timeout >= config.max_wait + Duration::from_secs(10),
+        "--idle-timeout-secs must be at least --max-wait-ms plus 10 s, or long polls are cut"
+    );
+    if let Some(u) = &config.public_url {
+        let parsed = reqwest::Url::parse(u).with_context(|| format!("--public-url {u}"))?;
+        anyhow::ensure!(
+            matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(),
+            "--public-url {u}: give http(s)://HOST[:PORT]"
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -244,6 +244,25 @@ impl Client {
         .await
     }
 
+    /// Sets a user's password (admin token); every device of the user is logged out.
+    pub async fn set_password(&self, user: &str, password: &str) -> Result<(), ClientError> {
+        Self::empty(
+            self.req(Method::PUT, &format!("/v1/admin/users/{user}/password"))
+                .json(&serde_json::json!({"password": password})),
+        )
+        .await
+    }
+
+    /// Changes the password of this device's user (device token); the user's other devices
+    /// are logged out, this one keeps its token.
+    pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
+        Self::empty(
+            self.req(Method::POST, "/v1/password")
+                .json(&serde_json::json!({"old_password": old, "new_password": new})),
+        )
+        .await
+    }
+
     pub async fn me(&self) -> Result<serde_json::Value, ClientError> {
         Self::json(self.req(Method::GET, "/v1/me")).await
     }
@@ -352,6 +371,39 @@ impl Client {
     }
 }
 
+/// Checks that the storage URL a server named keeps the device's token where it was given: the
+/// same host and port as `server_url`, and HTTPS if the login was over HTTPS. A server behind a
+/// TLS proxy without `--public-url` names `http://` storage: that is refused, never followed.
+///
+/// # Errors
+/// `Config` naming both URLs and what differs.
+pub fn check_storage_url(server_url: &str, storage_url: &str) -> Result<(), ClientError> {
+    let parse = |what: &str, u: &str| {
+        reqwest::Url::parse(u).map_err(|e| ClientError::Config(format!("bad {what} URL {u}: {e}")))
+    };
+    let (server, storage) = (parse("server", server_url)?, parse("storage", storage_url)?);
+    let refuse = |why: &str| {
+        Err(ClientError::Config(format!(
+            "refusing storage URL {storage_url} for server {server_url}: {why}; the server \
+             should be started with --public-url {}",
+            server_url.trim_end_matches('/')
+        )))
+    };
+    if !matches!(storage.scheme(), "http" | "https") {
+        return refuse("not an http(s) URL");
+    }
+    if server.scheme() == "https" && storage.scheme() != "https" {
+        return refuse("it would send the device token over plain HTTP");
+    }
+    if server.host_str().map(str::to_ascii_lowercase)
+        != storage.host_str().map(str::to_ascii_lowercase)
+        || server.port_or_known_default() != storage.port_or_known_default()
+    {
+        return refuse("it names another host");
+    }
+    Ok(())
+}
+
 /// A device's login, kept in `H/device.json` (mode 0600).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -409,12 +461,84 @@ impl DeviceConfig {
     /// A client of this device's storage, with its token.
     ///
     /// # Errors
-    /// The CA file cannot be read.
+    /// The storage URL would send the token elsewhere than the server logged in to, or over
+    /// plain HTTP after an HTTPS login ([`check_storage_url`]); the CA file cannot be read.
     pub fn client(&self) -> Result<Client, ClientError> {
+        check_storage_url(&self.server_url, &self.storage_url)?;
         Client::new(
             &self.storage_url,
             Some(self.token.clone()),
             self.ca_cert.as_deref(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_storage_url, DeviceConfig};
+
+    #[test]
+    fn a_device_login_that_names_plain_http_storage_is_not_used() {
+        let mut d = DeviceConfig {
+            server_url: "https://drive.example".into(),
+            user: "ann".into(),
+            device: "laptop".into(),
+            device_id: "00".into(),
+            token: "t".into(),
+            storage_url: "http://drive.example".into(),
+            ca_cert: None,
+        };
+        let e = d
+            .client()
+            .err()
+            .expect("a downgrade is refused")
+            .to_string();
+        assert!(e.contains("plain HTTP"), "{e}");
+        d.storage_url = "https://drive.example".into();
+        assert!(d.client().is_ok());
+    }
+
+    #[test]
+    fn storage_urls_keep_the_scheme_and_host_of_the_login() {
+        let ok = [
+            ("https://a.example", "https://a.example"),
+            ("https://a.example", "https://A.example:443/"),
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("http://127.0.0.1:8080", "https://127.0.0.1:8080"),
+        ];
+        for (server, storage) in ok {
+            check_storage_url(server, storage)
+                .unwrap_or_else(|e| panic!("{server} {storage}: {e}"));
+        }
+        let refused = [
+            ("https://a.example", "http://a.example", "plain HTTP"),
+            (
+                "https://a.example:8443",
+                "http://a.example:8443",
+                "plain HTTP",
+            ),
+            ("https://a.example", "https://b.example", "another host"),
+            (
+                "https://a.example",
+                "https://a.example:8443",
+                "another host",
+            ),
+            (
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:9090",
+                "another host",
+            ),
+            (
+                "https://a.example",
+                "file:///etc/passwd",
+                "not an http(s) URL",
+            ),
+        ];
+        for (server, storage, why) in refused {
+            let e = check_storage_url(server, storage)
+                .expect_err(storage)
+                .to_string();
+            assert!(e.contains(why) && e.contains("--public-url"), "{e}");
+        }
     }
 }

@@ -16,7 +16,7 @@
 //!   (the caller sends [`Invalidation`]s outside the lock).
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use crate::changelog::payload::PayloadIndex;
@@ -426,7 +426,7 @@ impl FsCore {
                     reason: "the object changed its kind".into(),
                 });
             }
-            i.perm = (state.mode & 0o7777) as u16;
+            i.perm = (state.mode & REMOTE_MODE_BITS) as u16;
             if !state.is_dir() {
                 i.mtime = timespec(state.mtime_ns);
             }
@@ -508,7 +508,7 @@ impl FsCore {
             if c.target.id != c.source {
                 i.flags |= crate::store::absent::INODE_CONFLICT;
             }
-            i.perm = (c.target.mode & 0o7777) as u16;
+            i.perm = (c.target.mode & REMOTE_MODE_BITS) as u16;
             i.mtime = timespec(c.target.mtime_ns);
             i.ctime = now;
             i.size = content.len() as u64;
@@ -943,7 +943,10 @@ impl FsCore {
         }
         let store = &*self.store;
         let dir = store.staging_dir();
-        std::fs::create_dir_all(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         let mut files = Vec::with_capacity(staged.len());
         // Many files (an initial sync applies thousands in one transaction): one syncfs
         // makes them all durable in one journal commit, where an fdatasync each cost
@@ -955,6 +958,7 @@ impl FsCore {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&path)?;
             write_sparse(&f, &s.content)?;
             if !one_sync {
@@ -989,6 +993,13 @@ impl FsCore {
                 }
                 std::fs::rename(new, &e.path)?;
             }
+            // The links and renames are durable before the commit clears the journal.
+            sync_dirs(
+                journal
+                    .iter()
+                    .filter_map(|e| e.path.parent())
+                    .chain([dir.as_path()]),
+            )?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -999,6 +1010,21 @@ impl FsCore {
         }
         Ok(journal)
     }
+}
+
+/// The mode bits a remote change may set: permissions and sticky, never setuid or setgid (the
+/// format carries `0o7777`; another device must not make a program run as this device's user).
+pub const REMOTE_MODE_BITS: u32 = 0o1777;
+
+/// Fsyncs each folder once: a rename or link in it is durable after this.
+fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a std::path::Path>) -> std::io::Result<()> {
+    let mut done = std::collections::BTreeSet::new();
+    for d in dirs {
+        if done.insert(d) {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 fn check_hash(object: ObjectId, content: &[u8], hash: &ContentHash) -> Result<(), ApplyError> {

@@ -64,6 +64,9 @@ pub struct FsOptions {
     pub quiet_period: Duration,
     /// Files on demand: content of new and changed remote files arrives when it is read.
     pub on_demand: Option<ondemand::OnDemand>,
+    /// Let other local users reach the mount (FUSE `allow_other`; root, or `user_allow_other`
+    /// in /etc/fuse.conf). Off unless asked: the folder is the mounting user's alone.
+    pub allow_other: bool,
 }
 
 impl Default for FsOptions {
@@ -72,6 +75,7 @@ impl Default for FsOptions {
             writeback_cache: false,
             quiet_period: Duration::from_millis(300),
             on_demand: None,
+            allow_other: false,
         }
     }
 }

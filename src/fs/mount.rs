@@ -110,7 +110,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn allow_other() -> bool {
+/// Whether this process may mount with `allow_other`: root, or `user_allow_other` in
+/// /etc/fuse.conf.
+fn may_allow_other() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -164,6 +166,7 @@ pub fn run(
     store.set_on_demand_mode(options.on_demand.is_some())?;
     let device = device_name(home);
     let capture = Capture::load(&store, device.clone(), options.quiet_period)?;
+    let allow_other = options.allow_other;
     let core = Arc::new(FsCore::new(Arc::clone(&store), options, capture));
     let fs = DeltaFs(Arc::clone(&core));
 
@@ -174,7 +177,10 @@ pub fn run(
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
-    if allow_other() {
+    if allow_other {
+        if !may_allow_other() {
+            bail!("--allow-other needs root or user_allow_other in /etc/fuse.conf");
+        }
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(SESSION_THREADS);

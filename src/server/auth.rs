@@ -45,6 +45,51 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The hash a password is checked against when the user does not exist, so the answer takes as
+/// long as for a wrong password.
+const NO_USER_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+/// The longest password accepted (longer ones are refused without hashing).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Checks `password` against `hash` (or against a fixed hash when there is no user) on the
+/// password threads.
+///
+/// # Errors
+/// `TooManyRequests` when the password threads' queue is full.
+pub async fn check_password(
+    state: &AppState,
+    password: &str,
+    hash: Option<&str>,
+) -> Result<bool, ApiError> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Ok(false);
+    }
+    let (pw, known) = (password.to_string(), hash.is_some());
+    let hash = hash.unwrap_or(NO_USER_HASH).to_string();
+    let ok = state
+        .passwords
+        .run(move || verify_password(&pw, &hash))
+        .await?;
+    Ok(ok && known)
+}
+
+/// Hashes a new password on the password threads, after checking its length (8 to 1024 bytes).
+///
+/// # Errors
+/// `BadRequest` for a password too short or too long; `TooManyRequests` when the password
+/// threads' queue is full.
+pub async fn new_password_hash(state: &AppState, password: &str) -> Result<String, ApiError> {
+    if password.len() < 8 || password.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::BadRequest(
+            "the password must be 8 to 1024 bytes".into(),
+        ));
+    }
+    let pw = password.to_string();
+    state.passwords.run(move || hash_password(&pw)).await?
+}
+
 fn bearer(parts: &Parts) -> Option<&str> {
     let v = parts
         .headers

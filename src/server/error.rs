@@ -47,6 +47,12 @@ pub enum ApiError {
     /// The server's shared budget stayed full (503 with `Retry-After`): try again later.
     #[error("{0}")]
     Busy(String),
+    /// Over a rate or concurrency limit: 429 with `Retry-After`.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,7 +69,17 @@ impl ApiError {
             ApiError::TooLarge(_) | ApiError::OverLimit(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<super::access::Refused> for ApiError {
+    fn from(r: super::access::Refused) -> Self {
+        ApiError::TooManyRequests {
+            retry_after_secs: r.retry_after_secs(),
+            message: r.to_string(),
         }
     }
 }
@@ -84,7 +100,13 @@ struct Body {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let retry_after = matches!(self, ApiError::Busy(_));
+        let retry_after = match &self {
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            ApiError::Busy(_) => Some(super::limits::RETRY_AFTER_SECS),
+            _ => None,
+        };
         let (error, stale) = match self {
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "request failed");
@@ -100,10 +122,10 @@ impl IntoResponse for ApiError {
             }
         };
         let mut resp = (status, Json(Body { error, stale })).into_response();
-        if retry_after {
+        if let Some(secs) = retry_after {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(super::limits::RETRY_AFTER_SECS),
+                axum::http::HeaderValue::from(secs),
             );
         }
         resp

@@ -6,6 +6,7 @@
 //! reaches storage only through [`backend::Backend`] and the [`storage::Storage`] service, so a
 //! second backend needs no change above the trait.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod backend;
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub max_wait: Duration,
     /// The base URL devices are told to use for storage; default: the URL they logged in with.
     pub public_url: Option<String>,
+    /// Limits facing strangers: login tries, password checks, JSON bodies, connections.
+    pub access: access::AccessConfig,
 }
 
 /// State shared by every request.
@@ -61,6 +64,10 @@ pub struct AppState {
     pub storage: Arc<Storage>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<ServerConfig>,
+    /// Login tries per address and per user.
+    pub logins: Arc<access::LoginLimiter>,
+    /// The threads that hash and check passwords.
+    pub passwords: Arc<access::PasswordPool>,
 }
 
 /// Installs the ring crypto provider for rustls (once per process; later calls do nothing).
@@ -118,8 +125,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     install_crypto_provider();
     let backend: Arc<dyn Backend> = match &config.backend {
         BackendConfig::Embedded { data } => {
-            std::fs::create_dir_all(data)
-                .with_context(|| format!("cannot create {}", data.display()))?;
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(data)
+            .with_context(|| format!("cannot create {}", data.display()))?;
             Arc::new(
                 backend::embedded::Embedded::open(data)
                     .with_context(|| format!("cannot open the backend in {}", data.display()))?,
@@ -137,6 +148,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         backend,
         metrics: Arc::new(Metrics::default()),
         config: Arc::new(config.clone()),
+        logins: Arc::new(access::LoginLimiter::new(&config.access)),
+        passwords: Arc::new(
+            access::PasswordPool::new(config.access.password_threads, config.access.password_queue)
+                .context("cannot start the password threads")?,
+        ),
     };
     let app = api::router(state);
 
@@ -169,22 +185,38 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // The socket is bound: connections queue from here on, so a unit `Type=notify` may
     // start what depends on the server.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let svc = app.into_make_service();
+    // The client address reaches handlers (login limits, the log of failed logins).
+    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+    let guarded = access::Guarded::new(
+        axum_server::accept::DefaultAcceptor,
+        config.access.max_connections,
+        config.access.idle_timeout,
+    );
     match &config.tls {
         Some((cert, key)) => {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
                 .context("cannot load the TLS certificate and key")?;
-            axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
-                .handle(handle)
-                .serve(svc)
-                .await?;
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(guarded))
+                // A connection that never sends a byte: hyper's header timeout starts only
+                // once the protocol is known.
+                .first_request_timeout(config.access.header_read_timeout);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(config.access.header_read_timeout);
+            server.handle(handle).serve(svc).await?;
         }
         None => {
-            axum_server::from_tcp(listener)?
-                .handle(handle)
-                .serve(svc)
-                .await?;
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(guarded)
+                .first_request_timeout(config.access.header_read_timeout);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(config.access.header_read_timeout);
+            server.handle(handle).serve(svc).await?;
         }
     }
     tracing::info!("stopped");

@@ -226,9 +226,21 @@ impl Store {
             return Ok(());
         };
         let entries = decode_journal(&v)?;
+        let mut lost = Vec::new();
         for e in entries.iter().rev() {
             match &e.kept {
                 Some(k) if k.exists() => std::fs::rename(k, &e.path)?,
+                // No `.old` and no `.new` left: the swap happened and the previous content
+                // is gone. Not silent: logged, and reported once the rest is restored.
+                Some(k) if !k.with_extension("new").exists() => {
+                    tracing::error!(
+                        file = %e.path.display(),
+                        "cannot roll back: the previous content {} is missing",
+                        k.display()
+                    );
+                    lost.push(e.path.display().to_string());
+                }
+                // The swap never reached this file: it still holds its previous content.
                 Some(_) => {}
                 None => match std::fs::remove_file(&e.path) {
                     Ok(()) => {}
@@ -244,6 +256,12 @@ impl Store {
             "rolled back {} content file(s) of a remote change interrupted by a crash",
             entries.len()
         );
+        if !lost.is_empty() {
+            return Err(super::StoreError::Corrupt(format!(
+                "rolling back an interrupted apply: the previous content of {} is missing",
+                lost.join(", ")
+            )));
+        }
         Ok(())
     }
 
@@ -339,5 +357,40 @@ mod tests {
             },
         ];
         assert_eq!(decode_journal(&encode_journal(&j)).unwrap(), j);
+    }
+
+    #[test]
+    fn a_rollback_missing_its_previous_content_is_an_error_not_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), &dir.path().join("c"), 0, 0).unwrap();
+        let staging = store.staging_dir();
+        std::fs::create_dir_all(&staging).unwrap();
+        let (swapped, untouched) = (dir.path().join("f1"), dir.path().join("f2"));
+        std::fs::write(&swapped, b"new").unwrap();
+        std::fs::write(&untouched, b"previous").unwrap();
+        // f2's swap never happened (its `.new` is still staged); f1's did, and its `.old` is gone.
+        std::fs::write(staging.join("2.new"), b"new").unwrap();
+        store
+            .write_apply_journal(&[
+                JournalEntry {
+                    path: swapped.clone(),
+                    kept: Some(staging.join("1.old")),
+                },
+                JournalEntry {
+                    path: untouched.clone(),
+                    kept: Some(staging.join("2.old")),
+                },
+            ])
+            .unwrap();
+        let e = store
+            .roll_back_apply_journal()
+            .expect_err("a lost previous content");
+        assert!(e.to_string().contains("f1"), "{e}");
+        assert!(!e.to_string().contains("f2"), "{e}");
+        assert_eq!(std::fs::read(&untouched).unwrap(), b"previous");
+        // Reported once: the journal is gone, the next open goes on.
+        store
+            .roll_back_apply_journal()
+            .expect("nothing left to roll back");
     }
 }

@@ -516,13 +516,17 @@ impl Batch<'_> {
         use std::io::Write;
         let dir = self.store.payload_dir();
         let created = !dir.exists();
-        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)?;
         let path = self.store.payload_path(seq);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(&path)?;
         f.write_all(bytes)?;
         f.sync_data()?;
         std::fs::File::open(&dir)?.sync_all()?;

@@ -8,7 +8,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::{check_name, json_error, now_ms};
-use crate::server::auth::{hash_password, AdminAuth};
+use crate::server::auth::{new_password_hash, AdminAuth};
 use crate::server::backend::{BackendError, DeviceRecord, UserRecord};
 use crate::server::error::ApiError;
 use crate::server::AppState;
@@ -51,17 +51,9 @@ pub async fn add_user(
     State(state): State<AppState>,
     body: Result<Json<NewUser>, JsonRejection>,
 ) -> Result<(StatusCode, Json<UserView>), ApiError> {
-    let Json(u) = body.map_err(|e| json_error(e, state.config.max_request_bytes))?;
+    let Json(u) = body.map_err(|e| json_error(e, state.config.access.max_json_bytes))?;
     check_name("user", &u.name)?;
-    if u.password.len() < 8 || u.password.len() > 1024 {
-        return Err(ApiError::BadRequest(
-            "the password must be 8 to 1024 bytes".into(),
-        ));
-    }
-    let pw = u.password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&pw))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let hash = new_password_hash(&state, &u.password).await?;
     let rec = UserRecord {
         name: u.name.clone(),
         password_hash: hash,
@@ -133,16 +125,51 @@ pub async fn list_devices(
     Ok(Json(ds.into_iter().map(DeviceView::from).collect()))
 }
 
-/// Revokes a device's token at once (shared with the device route).
+#[derive(Deserialize)]
+pub struct NewPassword {
+    pub password: String,
+}
+
+/// `PUT /v1/admin/users/{user}/password`: sets a user's password and logs out every device.
+pub async fn set_password(
+    _: AdminAuth,
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    body: Result<Json<NewPassword>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    check_name("user", &user)?;
+    let Json(p) = body.map_err(|e| json_error(e, state.config.access.max_json_bytes))?;
+    let hash = new_password_hash(&state, &p.password).await?;
+    let _lock = state.backend.lock_user(user.clone()).await?;
+    match state.backend.set_password(user.clone(), hash, None).await {
+        Ok(()) => {}
+        Err(BackendError::NotFound) => return Err(ApiError::NotFound(format!("no user {user}"))),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(%user, "password set by the admin; every device logged out");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revokes a device's token at once (shared with the device route), under the user's lock so a
+/// login cannot slip a token in between; the backend drops every token of the device.
 pub async fn revoke(state: &AppState, user: &str, device: &str) -> Result<(), ApiError> {
     check_name("device", device)?;
+    let _lock = state.backend.lock_user(user.to_string()).await?;
     let mut d = state
         .backend
         .get_device(user.to_string(), device.to_string())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no device {device} for user {user}")))?;
     let old = d.token_hash.take();
-    state.backend.put_device(d, old).await?;
+    match state.backend.put_device(d, old).await {
+        Ok(()) => {}
+        Err(BackendError::NotFound) => {
+            return Err(ApiError::NotFound(format!(
+                "no device {device} for user {user}"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(%user, %device, "device revoked");
     Ok(())
 }

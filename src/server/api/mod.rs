@@ -9,32 +9,42 @@ pub mod device;
 pub mod storage;
 
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 
 use super::error::ApiError;
 use super::AppState;
 
-/// Builds the router with every route, the body limit and the metrics middleware.
+/// Builds the router with every route, the body limits and the metrics middleware.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_request_bytes;
+    let json = state.config.access.max_json_bytes;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route(
             "/v1/admin/users",
-            post(admin::add_user).get(admin::list_users),
+            json_route(post(admin::add_user), json).get(admin::list_users),
         )
         .route("/v1/admin/users/{user}", delete(admin::remove_user))
+        .route(
+            "/v1/admin/users/{user}/password",
+            json_route(put(admin::set_password), json),
+        )
         .route("/v1/admin/users/{user}/devices", get(admin::list_devices))
         .route(
             "/v1/admin/users/{user}/devices/{device}",
             delete(admin::revoke_device),
         )
-        .route("/v1/login", post(device::login))
+        .route("/v1/login", json_route(post(device::login), json))
+        .route(
+            "/v1/password",
+            json_route(post(device::change_password), json),
+        )
         .route("/v1/me", get(device::me))
         .route("/v1/storage", get(device::storage_location))
         .route("/v1/devices", get(device::list_devices))
@@ -51,6 +61,27 @@ pub fn router(state: AppState) -> Router {
             super::metrics::track,
         ))
         .with_state(state)
+}
+
+/// A route with a JSON body: bodies over `limit` are refused with 413, by their
+/// `Content-Length` before anything else runs (authentication included), and while being read
+/// when they come chunked.
+fn json_route(route: MethodRouter<AppState>, limit: usize) -> MethodRouter<AppState> {
+    route
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(limit, json_body_limit))
+}
+
+async fn json_body_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::TooLarge(limit).into_response();
+    }
+    next.run(req).await
 }
 
 async fn healthz() -> &'static str {

@@ -117,6 +117,97 @@ pub async fn run(b: &dyn Backend) {
     assert_eq!(b.list_devices(s("alice")).await.unwrap().len(), 1);
     assert!(b.list_devices(s("bob")).await.unwrap().is_empty());
 
+    // Writing a device drops every token of it, also one the record no longer names (a login
+    // that raced a revoke), and never brings back a device of a user that is not there.
+    let mut stray = d.clone();
+    stray.name = s("laptop");
+    stray.token_hash = Some(s("stray"));
+    b.put_device(stray, None).await.unwrap();
+    d.token_hash = None;
+    b.put_device(d.clone(), Some(s("t2"))).await.unwrap();
+    for t in ["t2", "stray"] {
+        assert!(
+            b.lookup_token(s(t)).await.unwrap().is_none(),
+            "token {t} of a revoked device still works"
+        );
+    }
+    let ghost = DeviceRecord {
+        user: s("nobody"),
+        name: s("phone"),
+        id: s("id9"),
+        token_hash: Some(s("t9")),
+        created_ms: 0,
+        last_login_ms: 0,
+    };
+    assert!(matches!(
+        b.put_device(ghost, None).await,
+        Err(BackendError::NotFound)
+    ));
+    assert!(b.lookup_token(s("t9")).await.unwrap().is_none());
+    assert!(b.list_devices(s("nobody")).await.unwrap().is_empty());
+
+    // A password change revokes every token of the user but the kept device's.
+    let phone = DeviceRecord {
+        name: s("phone"),
+        id: s("id3"),
+        token_hash: Some(s("t3")),
+        ..d.clone()
+    };
+    b.put_device(phone, None).await.unwrap();
+    d.token_hash = Some(s("t2"));
+    b.put_device(d.clone(), None).await.unwrap();
+    b.put_device(
+        DeviceRecord {
+            user: s("bob"),
+            name: s("desk"),
+            id: s("id4"),
+            token_hash: Some(s("t4")),
+            created_ms: 0,
+            last_login_ms: 0,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    b.set_password(s("alice"), s("y"), Some(s("laptop")))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get_user(s("alice")).await.unwrap().unwrap().password_hash,
+        "y"
+    );
+    assert!(
+        b.lookup_token(s("t2")).await.unwrap().is_some(),
+        "kept device"
+    );
+    assert!(
+        b.lookup_token(s("t3")).await.unwrap().is_none(),
+        "other device"
+    );
+    assert!(
+        b.lookup_token(s("t4")).await.unwrap().is_some(),
+        "another user"
+    );
+    let revoked: Vec<bool> = b
+        .list_devices(s("alice"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.token_hash.is_none())
+        .collect();
+    assert_eq!(revoked, vec![false, true], "laptop kept, phone revoked");
+    b.set_password(s("alice"), s("x"), None).await.unwrap();
+    assert!(
+        b.lookup_token(s("t2")).await.unwrap().is_none(),
+        "none kept"
+    );
+    assert!(matches!(
+        b.set_password(s("nobody"), s("z"), None).await,
+        Err(BackendError::NotFound)
+    ));
+    d.token_hash = Some(s("t2"));
+    b.put_device(d.clone(), None).await.unwrap();
+
     // Log: gapless commits, head check, paging, idempotency.
     let mut events = b.head_events();
     assert_eq!(b.head(s("alice")).await.unwrap(), 0);

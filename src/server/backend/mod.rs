@@ -262,8 +262,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes a user with all their devices, tokens, log, objects, history; `NotFound` if absent.
     fn delete_user(&self, name: String) -> BoxFut<'_, ()>;
 
-    /// Stores a device record, registers its token hash and drops `old_token_hash`, atomically.
+    /// Stores a device record, registers its token hash and drops `old_token_hash` and every
+    /// other token of the device, atomically; `NotFound` (and nothing written) if the user does
+    /// not exist, so a login that raced the user's removal cannot bring a device back.
     fn put_device(&self, device: DeviceRecord, old_token_hash: Option<String>) -> BoxFut<'_, ()>;
+    /// Replaces a user's password hash and revokes every token of the user but those of device
+    /// `keep` (if given), atomically; `NotFound` if the user does not exist.
+    fn set_password(
+        &self,
+        user: String,
+        password_hash: String,
+        keep: Option<String>,
+    ) -> BoxFut<'_, ()>;
     fn get_device(&self, user: String, device: String) -> BoxFut<'_, Option<DeviceRecord>>;
     fn list_devices(&self, user: String) -> BoxFut<'_, Vec<DeviceRecord>>;
     /// Who holds this token hash (never cached).

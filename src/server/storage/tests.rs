@@ -67,6 +67,9 @@ impl Backend for Counting {
     fn put_device(&self, device: DeviceRecord, old: Option<String>) -> BoxFut<'_, ()> {
         self.inner.put_device(device, old)
     }
+    fn set_password(&self, user: String, hash: String, keep: Option<String>) -> BoxFut<'_, ()> {
+        self.inner.set_password(user, hash, keep)
+    }
     fn get_device(&self, user: String, device: String) -> BoxFut<'_, Option<DeviceRecord>> {
         self.inner.get_device(user, device)
     }

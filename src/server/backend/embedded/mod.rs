@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,7 +67,19 @@ struct Inner {
     db: DB,
     chunk_dir: PathBuf,
     locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a user or device record is checked and written (create, remove, device,
+    /// password), so each is one step against the others.
+    accounts: parking_lot::Mutex<()>,
     events: tokio::sync::broadcast::Sender<HeadEvent>,
+}
+
+/// Creates a folder (and its missing parents) readable by the server's user only: it holds
+/// users' content.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn db_err(e: rocksdb::Error) -> BackendError {
@@ -112,7 +125,7 @@ impl Embedded {
     /// The folder cannot be created or RocksDB cannot open it (e.g. another server holds it).
     pub fn open(dir: &Path) -> Result<Embedded, BackendError> {
         let chunk_dir = dir.join("chunks");
-        std::fs::create_dir_all(&chunk_dir)?;
+        private_dir(&chunk_dir)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -125,6 +138,7 @@ impl Embedded {
                 db,
                 chunk_dir,
                 locks: parking_lot::Mutex::new(HashMap::new()),
+                accounts: parking_lot::Mutex::new(()),
                 events: tokio::sync::broadcast::channel(1024).0,
             }),
         })
@@ -189,6 +203,28 @@ impl Inner {
         }
     }
 
+    /// Every token record of `user` (by hash). Tokens are few (one per device), so a scan.
+    fn token_records_of(&self, user: &str) -> Result<Vec<(String, TokenRecord)>, BackendError> {
+        let mut out = Vec::new();
+        for (k, v) in self.scan_prefix(CF_TOKENS, b"")? {
+            let t: TokenRecord = from_json(&v)?;
+            if t.user == user {
+                out.push((String::from_utf8_lossy(&k).into_owned(), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The token hashes of `user` (of one device, if given).
+    fn tokens_of(&self, user: &str, device: Option<&str>) -> Result<Vec<String>, BackendError> {
+        Ok(self
+            .token_records_of(user)?
+            .into_iter()
+            .filter(|(_, t)| device.is_none_or(|d| t.device == d))
+            .map(|(h, _)| h)
+            .collect())
+    }
+
     fn chunk_path(&self, id: &ChunkId) -> PathBuf {
         let h = hex::encode(id);
         self.chunk_dir.join(&h[..2]).join(&h)
@@ -203,7 +239,7 @@ impl Inner {
             .parent()
             .ok_or_else(|| BackendError::Corrupt("chunk path".into()))?;
         if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
+            private_dir(dir)?;
             std::fs::File::open(&self.chunk_dir)?.sync_all()?;
         }
         let tmp = dir.join(format!(
@@ -212,7 +248,11 @@ impl Inner {
             rand::random::<u64>()
         ));
         {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
         }
@@ -311,7 +351,7 @@ impl Backend for Embedded {
 
     fn create_user(&self, user: UserRecord) -> BoxFut<'_, ()> {
         self.blocking(move |i| {
-            let _g = i.locks.lock();
+            let _g = i.accounts.lock();
             if i.get(CF_USERS, user.name.as_bytes())?.is_some() {
                 return Err(BackendError::AlreadyExists);
             }
@@ -340,15 +380,13 @@ impl Backend for Embedded {
 
     fn delete_user(&self, name: String) -> BoxFut<'_, ()> {
         self.blocking(move |i| {
+            let _g = i.accounts.lock();
             if i.get(CF_USERS, name.as_bytes())?.is_none() {
                 return Err(BackendError::NotFound);
             }
             let mut wb = WriteBatch::default();
-            for (_, v) in i.scan_prefix(CF_DEVICES, &prefix(&name))? {
-                let d: DeviceRecord = from_json(&v)?;
-                if let Some(h) = d.token_hash {
-                    wb.delete_cf(i.cf(CF_TOKENS)?, h.as_bytes());
-                }
+            for h in i.tokens_of(&name, None)? {
+                wb.delete_cf(i.cf(CF_TOKENS)?, h.as_bytes());
             }
             for cf in USER_CFS {
                 wb.delete_range_cf(i.cf(cf)?, prefix(&name), prefix_end(&name));
@@ -360,10 +398,17 @@ impl Backend for Embedded {
 
     fn put_device(&self, device: DeviceRecord, old_token_hash: Option<String>) -> BoxFut<'_, ()> {
         self.blocking(move |i| {
+            let _g = i.accounts.lock();
+            if i.get(CF_USERS, device.user.as_bytes())?.is_none() {
+                return Err(BackendError::NotFound);
+            }
             let mut wb = WriteBatch::default();
             let tokens = i.cf(CF_TOKENS)?;
             if let Some(old) = old_token_hash {
                 wb.delete_cf(tokens, old.as_bytes());
+            }
+            for h in i.tokens_of(&device.user, Some(&device.name))? {
+                wb.delete_cf(tokens, h.as_bytes());
             }
             if let Some(h) = &device.token_hash {
                 let t = TokenRecord {
@@ -378,6 +423,37 @@ impl Backend for Embedded {
                 key(&device.user, &[device.name.as_bytes()]),
                 to_json(&device)?,
             );
+            i.sync_write(wb)
+        })
+    }
+
+    fn set_password(
+        &self,
+        user: String,
+        password_hash: String,
+        keep: Option<String>,
+    ) -> BoxFut<'_, ()> {
+        self.blocking(move |i| {
+            let _g = i.accounts.lock();
+            let mut rec: UserRecord = match i.get(CF_USERS, user.as_bytes())? {
+                Some(b) => from_json(&b)?,
+                None => return Err(BackendError::NotFound),
+            };
+            rec.password_hash = password_hash;
+            let mut wb = WriteBatch::default();
+            wb.put_cf(i.cf(CF_USERS)?, user.as_bytes(), to_json(&rec)?);
+            let tokens = i.cf(CF_TOKENS)?;
+            for (h, t) in i.token_records_of(&user)? {
+                if keep.as_deref() != Some(t.device.as_str()) {
+                    wb.delete_cf(tokens, h.as_bytes());
+                }
+            }
+            for (k, v) in i.scan_prefix(CF_DEVICES, &prefix(&user))? {
+                let mut d: DeviceRecord = from_json(&v)?;
+                if keep.as_deref() != Some(d.name.as_str()) && d.token_hash.take().is_some() {
+                    wb.put_cf(i.cf(CF_DEVICES)?, k, to_json(&d)?);
+                }
+            }
             i.sync_write(wb)
         })
     }

@@ -26,7 +26,6 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::sync::broadcast;
-use tokio_postgres::NoTls;
 
 use super::{
     AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries,
@@ -47,6 +46,52 @@ pub struct PostgresS3Config {
     pub s3_region: Option<String>,
     pub s3_access_key_id: Option<String>,
     pub s3_secret_access_key: Option<String>,
+    /// The database password (from a file or the environment; never on the command line).
+    pub password: Option<String>,
+    /// PEM file of the CA that signed the database's certificate: TLS is then required and the
+    /// certificate verified against it, host name included (libpq's `verify-full`). Without it,
+    /// TLS (when the URL's `sslmode` asks or allows it) is verified against the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// The TLS connector for the database: always verifying the server's certificate chain and
+/// host name, against `ca_file` or the system's roots.
+fn tls_connector(
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, BackendError> {
+    crate::server::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(f) => {
+            let pem = std::fs::read(f).map_err(|e| {
+                BackendError::Db(format!("--metadata-ca-file {}: {e}", f.display()))
+            })?;
+            let mut n = 0;
+            for cert in <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| {
+                    BackendError::Db(format!("--metadata-ca-file {}: {e}", f.display()))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    BackendError::Db(format!("--metadata-ca-file {}: {e}", f.display()))
+                })?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(BackendError::Db(format!(
+                    "--metadata-ca-file {}: no certificate in it",
+                    f.display()
+                )));
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 /// Versioned schema migrations: (version, SQL). Append only; never edit an applied one.
@@ -105,7 +150,11 @@ fn pg(e: tokio_postgres::Error) -> BackendError {
             d.message(),
             d.code().code()
         )),
-        None => BackendError::Db(format!("postgres: {e}")),
+        // The cause (a missing password, a certificate refused) is in the source only.
+        None => match std::error::Error::source(&e) {
+            Some(cause) => BackendError::Db(format!("postgres: {e}: {cause}")),
+            None => BackendError::Db(format!("postgres: {e}")),
+        },
     }
 }
 
@@ -272,10 +321,17 @@ impl PostgresS3 {
             .application_name("deltadrive")
             .connect_timeout(Duration::from_secs(10))
             .keepalives_idle(Duration::from_secs(30));
+        if let Some(pw) = &c.password {
+            cfg.password(pw.as_bytes());
+        }
+        if c.ca_file.is_some() {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+        let tls = tls_connector(c.ca_file.as_deref())?;
         let mgr = |cfg: &tokio_postgres::Config| {
             Manager::from_config(
                 cfg.clone(),
-                NoTls,
+                tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -312,6 +368,7 @@ impl PostgresS3 {
         listen_cfg.application_name(format!("deltadrive-listen-{}", c.schema));
         let listener = tokio::spawn(listen_loop(
             listen_cfg,
+            tls,
             channel.clone(),
             events.clone(),
             ready_tx,
@@ -416,6 +473,7 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<(), BackendError> {
 /// every (re)connect it announces `Resync`, since appends may have happened while deaf.
 async fn listen_loop(
     cfg: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     channel: String,
     events: broadcast::Sender<HeadEvent>,
     ready: tokio::sync::oneshot::Sender<()>,
@@ -423,7 +481,7 @@ async fn listen_loop(
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match cfg.connect(NoTls).await {
+        match cfg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel::<String>();
                 let driver = tokio::spawn(async move {
@@ -887,11 +945,31 @@ impl Backend for PostgresS3 {
         self.run(move |i| async move {
             let mut c = i.conn().await?;
             let tx = c.transaction().await.map_err(pg)?;
+            // The user row is locked until the commit: a removal of the user waits for this
+            // transaction, or went first and leaves no row to find.
+            if query_opt_c(
+                &tx,
+                "SELECT 1 FROM users WHERE name = $1 FOR SHARE",
+                &[&device.user],
+            )
+            .await
+            .map_err(pg)?
+            .is_none()
+            {
+                return Err(BackendError::NotFound);
+            }
             if let Some(old) = old_token_hash {
                 exec_c(&tx, "DELETE FROM tokens WHERE hash = $1", &[&old])
                     .await
                     .map_err(pg)?;
             }
+            exec_c(
+                &tx,
+                "DELETE FROM tokens WHERE user_name = $1 AND record::jsonb ->> 'device' = $2",
+                &[&device.user, &device.name],
+            )
+            .await
+            .map_err(pg)?;
             if let Some(h) = &device.token_hash {
                 let t = TokenRecord {
                     user: device.user.clone(),
@@ -916,6 +994,66 @@ impl Backend for PostgresS3 {
             )
             .await
             .map_err(pg)?;
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn set_password(
+        &self,
+        user: String,
+        password_hash: String,
+        keep: Option<String>,
+    ) -> BoxFut<'_, ()> {
+        self.run(move |i| async move {
+            let mut c = i.conn().await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            let Some(row) = query_opt_c(
+                &tx,
+                "SELECT record FROM users WHERE name = $1 FOR UPDATE",
+                &[&user],
+            )
+            .await
+            .map_err(pg)?
+            else {
+                return Err(BackendError::NotFound);
+            };
+            let mut rec: UserRecord = from_json(row.get(0))?;
+            rec.password_hash = password_hash;
+            exec_c(
+                &tx,
+                "UPDATE users SET record = $2 WHERE name = $1",
+                &[&user, &to_json(&rec)?],
+            )
+            .await
+            .map_err(pg)?;
+            exec_c(
+                &tx,
+                "DELETE FROM tokens WHERE user_name = $1
+                 AND ($2::text IS NULL OR record::jsonb ->> 'device' <> $2)",
+                &[&user, &keep],
+            )
+            .await
+            .map_err(pg)?;
+            let devices = query_c(
+                &tx,
+                "SELECT name, record FROM devices WHERE user_name = $1 FOR UPDATE",
+                &[&user],
+            )
+            .await
+            .map_err(pg)?;
+            for r in devices {
+                let name: String = r.get(0);
+                let mut d: DeviceRecord = from_json(r.get(1))?;
+                if keep.as_deref() != Some(name.as_str()) && d.token_hash.take().is_some() {
+                    exec_c(
+                        &tx,
+                        "UPDATE devices SET record = $3 WHERE user_name = $1 AND name = $2",
+                        &[&user, &name, &to_json(&d)?],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+            }
             tx.commit().await.map_err(pg)
         })
     }
