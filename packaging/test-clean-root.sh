@@ -277,7 +277,7 @@ if [ -n "$ddeb" ]; then
   [ -n "$id" ] || fail "the packaged binary has no build id"
   dbg=/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug
   [ -f "$root$dbg" ] || fail "deltadrive-dbgsym has no $dbg"
-  readelf -S "$root$dbg" | grep -q '\.debug_line' || fail "$dbg holds no line tables"
+  readelf -S "$root$dbg" 2>/dev/null | grep -q '\.debug_line' || fail "$dbg holds no line tables"
   inroot apt-get purge -y -q deltadrive-dbgsym >/dev/null || fail "apt-get purge deltadrive-dbgsym"
   [ ! -e "$root$dbg" ] || fail "$dbg is left after purging deltadrive-dbgsym"
   ok "deltadrive-dbgsym installs $dbg (the binary's build id, with line tables) and purges clean"

@@ -218,10 +218,14 @@ fn the_deb_holds_everything_and_its_units_verify_clean() {
     let depends = run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"));
     assert_ok("dpkg-deb -f", &depends);
     let depends = text(&depends.stdout);
-    assert!(
-        depends.split(',').any(|d| d.trim() == "fuse3"),
-        "Depends: {depends}"
-    );
+    // fuse3 to mount; ca-certificates because the client's HTTP stack refuses to start
+    // without the system's CA certificates (found by test-clean-root.sh on a minimal Debian).
+    for dep in ["fuse3", "ca-certificates"] {
+        assert!(
+            depends.split(',').any(|d| d.trim() == dep),
+            "Depends lacks {dep}: {depends}"
+        );
+    }
 
     // What is in the package is what is in the repository, and the binary is the one tested.
     let root = dir.path().join("root");
