@@ -194,7 +194,15 @@ if [ "$boot" -eq 1 ]; then
     sleep 0.1
   done
   [ -n "$leader" ] || { cat "$scratch/boot.log" >&2; fail "systemd did not start in the root"; }
-  state=$(timeout 120 nsenter -t "$leader" -a systemctl is-system-running --wait 2>&1 || true)
+  # Until systemd's own socket is there, systemctl cannot even ask.
+  state=
+  for _ in $(seq 1 600); do
+    state=$(timeout 120 nsenter -t "$leader" -a systemctl is-system-running --wait 2>&1 || true)
+    case $state in
+      *'Failed to connect'*) sleep 0.2 ;;
+      *) break ;;
+    esac
+  done
   [ "$state" = running ] || {
     nsenter -t "$leader" -a systemctl --failed --no-pager >&2 || true
     fail "the booted root is '$state', not running"
