@@ -4,12 +4,14 @@
 #   packaging/build-deb.sh                 # release build, then the .deb (what users get)
 #   packaging/build-deb.sh --dev           # dev-profile build, then the .deb (for tests)
 #   packaging/build-deb.sh --no-build      # package the binary already built (with --dev: the dev one)
-#   packaging/build-deb.sh --bin PATH      # package this binary as it is (tests/packaging.rs)
+#   packaging/build-deb.sh --bin PATH      # package this binary (tests/packaging.rs)
 #   packaging/build-deb.sh -o DIR          # where the .deb goes [default: TARGET/debian]
 #
 # Before packaging it writes the generated assets beside the binary (deb-assets/: man pages
 # from `deltadrive man`, shell completions from `deltadrive completions`), so they always
-# describe the binary that is packaged. Prints the path of the .deb on its last line.
+# describe the binary that is packaged. cargo-deb strips the binary in the .deb and puts its
+# debug information into a second package, deltadrive-dbgsym_VERSION_ARCH.ddeb (`dbgsym` in
+# Cargo.toml). Prints the path of the .ddeb, then that of the .deb on the last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --bin) bin=$2; build=0; shift ;;
     -o) out=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-deb.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -74,4 +76,5 @@ mkdir -p "$out"
 extra=()
 # A package of a dev binary is for tests: compress fast.
 [ "$stage" = "$target" ] || extra+=(--fast)
-CARGO_TARGET_DIR=$stage cargo deb --no-build -o "$out" "${extra[@]}" | tail -n 1
+# cargo-deb prints the path of each package it wrote on stdout, the .deb last.
+CARGO_TARGET_DIR=$stage cargo deb --no-build -o "$out" "${extra[@]}"

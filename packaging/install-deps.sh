@@ -26,10 +26,14 @@ if ! command -v pjdfstest >/dev/null 2>&1 || ! pjdfstest --version 2>/dev/null |
   cargo install pjdfstest --version 0.2.2 --locked --quiet
 fi
 # Packaging: systemd-analyze (unit checks), dpkg-dev (dpkg-shlibdeps for cargo-deb's
-# Depends), man-db (man pages and systemd-analyze's Documentation= check), shellcheck,
-# util-linux (mount, setpriv) and cargo-deb, which builds the .deb.
+# Depends), binutils (strip and objcopy, which split the debug information into the
+# -dbgsym package; readelf), man-db (man pages and systemd-analyze's Documentation= check),
+# the shellcheck linter, util-linux (mount, setpriv), debootstrap, systemd-container
+# (systemd-nspawn) and zstd (the clean Debian root of packaging/test-clean-root.sh), and
+# cargo-deb, which builds the .deb.
 apt-get install -y -qq --no-install-recommends \
-  systemd dpkg-dev man-db shellcheck util-linux mount xz-utils >/dev/null
+  systemd dpkg-dev binutils man-db shellcheck util-linux mount xz-utils \
+  debootstrap systemd-container zstd >/dev/null
 if ! command -v cargo-deb >/dev/null 2>&1; then
   cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi

@@ -53,8 +53,25 @@ fn open_tempdir(prefix: &str) -> tempfile::TempDir {
     dir
 }
 
-/// Builds the .deb from the binary under test into `out` and returns its path.
-fn build_deb(out: &Path) -> PathBuf {
+/// The packages `packaging/build-deb.sh` makes: the .deb and its -dbgsym .ddeb.
+struct Debs {
+    deb: PathBuf,
+    dbgsym: PathBuf,
+}
+
+/// The packages of the binary under test, built once for all the tests of this file (into
+/// cargo's temp folder for integration tests, emptied first).
+fn debs() -> &'static Debs {
+    static DEBS: std::sync::OnceLock<Debs> = std::sync::OnceLock::new();
+    DEBS.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packaging-debs");
+        let _ = std::fs::remove_dir_all(&out);
+        build_deb(&out)
+    })
+}
+
+/// Builds the .deb (and the .ddeb) from the binary under test into `out`.
+fn build_deb(out: &Path) -> Debs {
     let o = run(Command::new("bash")
         .arg(Path::new(REPO).join("packaging/build-deb.sh"))
         .arg("--bin")
@@ -62,13 +79,50 @@ fn build_deb(out: &Path) -> PathBuf {
         .arg("-o")
         .arg(out));
     assert_ok("packaging/build-deb.sh", &o);
-    let deb = std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .unwrap_or_else(|| panic!("no .deb in {}: {}", out.display(), text(&o.stdout)));
-    deb
+    let find = |ext: &str| {
+        std::fs::read_dir(out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == ext))
+            .unwrap_or_else(|| panic!("no .{ext} in {}: {}", out.display(), text(&o.stdout)))
+    };
+    let debs = Debs {
+        deb: find("deb"),
+        dbgsym: find("ddeb"),
+    };
+    // The script's last line names the .deb (scripts and docs rely on it).
+    assert_eq!(
+        text(&o.stdout).lines().last().map(PathBuf::from),
+        Some(debs.deb.clone()),
+        "{}",
+        text(&o.stdout)
+    );
+    debs
+}
+
+/// The names of the ELF sections of `file` (`readelf -S`).
+fn elf_sections(file: &Path) -> Vec<String> {
+    let o = run(Command::new("readelf").arg("-S").arg("-W").arg(file));
+    assert_ok("readelf -S", &o);
+    text(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let rest = l.strip_prefix('[')?.split_once(']')?.1;
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .collect()
+}
+
+/// The GNU build id of an ELF file, in hex (`readelf -n`).
+fn build_id(file: &Path) -> String {
+    let o = run(Command::new("readelf").arg("-n").arg(file));
+    assert_ok("readelf -n", &o);
+    text(&o.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_string))
+        .unwrap_or_else(|| panic!("{} has no build id", file.display()))
 }
 
 /// `systemd-analyze [--user] verify UNIT` must exit 0 and say nothing: it exits 0 also when
@@ -122,9 +176,9 @@ fn unit_for_verify(src: &Path, root: &Path, dst_dir: &Path, name: &str) -> PathB
 #[test]
 fn the_deb_holds_everything_and_its_units_verify_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let deb = build_deb(&dir.path().join("out"));
+    let deb = &debs().deb;
 
-    let list = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
+    let list = run(Command::new("dpkg-deb").arg("-c").arg(deb));
     assert_ok("dpkg-deb -c", &list);
     let list = text(&list.stdout);
     let files: Vec<&str> = list
@@ -161,19 +215,23 @@ fn the_deb_holds_everything_and_its_units_verify_clean() {
         }
     }
 
-    let depends = run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Depends"));
+    let depends = run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"));
     assert_ok("dpkg-deb -f", &depends);
     let depends = text(&depends.stdout);
-    assert!(
-        depends.split(',').any(|d| d.trim() == "fuse3"),
-        "Depends: {depends}"
-    );
+    // fuse3 to mount; ca-certificates because the client's HTTP stack refuses to start
+    // without the system's CA certificates (found by test-clean-root.sh on a minimal Debian).
+    for dep in ["fuse3", "ca-certificates"] {
+        assert!(
+            depends.split(',').any(|d| d.trim() == dep),
+            "Depends lacks {dep}: {depends}"
+        );
+    }
 
     // What is in the package is what is in the repository, and the binary is the one tested.
     let root = dir.path().join("root");
     assert_ok(
         "dpkg-deb -x",
-        &run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root)),
+        &run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root)),
     );
     assert_eq!(
         std::fs::read(root.join("sbin/mount.fuse.deltadrive")).unwrap(),
@@ -227,6 +285,81 @@ fn the_deb_holds_everything_and_its_units_verify_clean() {
     errors.extend(verify_unit(&server, false, &manpath, dir.path()).err());
     errors.extend(verify_unit(&instance, true, &manpath, dir.path()).err());
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// The .deb ships a stripped binary, and its debug information goes to `deltadrive-dbgsym`,
+/// in the file the binary's build id names, as Debian's dbgsym packages do.
+#[test]
+fn the_deb_ships_a_stripped_binary_and_its_debug_info_in_a_dbgsym_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let Debs { deb, dbgsym } = debs();
+    let root = dir.path().join("root");
+    assert_ok(
+        "dpkg-deb -x",
+        &run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root)),
+    );
+    let packaged = root.join("usr/bin/deltadrive");
+    let sections = elf_sections(&packaged);
+    let debug: Vec<&String> = sections
+        .iter()
+        .filter(|s| s.starts_with(".debug_"))
+        .collect();
+    assert!(
+        debug.is_empty(),
+        "the packaged binary keeps debug sections {debug:?}"
+    );
+    assert!(
+        !sections.iter().any(|s| s == ".symtab"),
+        "the packaged binary keeps its symbol table: {sections:?}"
+    );
+    assert!(
+        sections.iter().any(|s| s == ".gnu_debuglink"),
+        "the packaged binary does not point at its debug file: {sections:?}"
+    );
+    // What is tested is what was built: the same build, only stripped.
+    let tested = Path::new(bin());
+    assert_eq!(build_id(&packaged), build_id(tested));
+    assert!(
+        elf_sections(tested).iter().any(|s| s == ".debug_line"),
+        "the binary under test has no line tables to move"
+    );
+
+    let field = |f: &str| {
+        let o = run(Command::new("dpkg-deb").arg("-f").arg(dbgsym).arg(f));
+        assert_ok("dpkg-deb -f", &o);
+        text(&o.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "deltadrive-dbgsym");
+    let version = run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"));
+    let version = text(&version.stdout).trim().to_string();
+    assert_eq!(field("Recommends"), format!("deltadrive (= {version})"));
+    assert_eq!(field("Auto-Built-Package"), "debug-symbols");
+    let dbg_root = dir.path().join("dbgsym");
+    assert_ok(
+        "dpkg-deb -x (dbgsym)",
+        &run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(dbgsym)
+            .arg(&dbg_root)),
+    );
+    let id = build_id(&packaged);
+    let debug_file = dbg_root.join(format!(
+        "usr/lib/debug/.build-id/{}/{}.debug",
+        &id[..2],
+        &id[2..]
+    ));
+    assert!(
+        debug_file.is_file(),
+        "no {} in deltadrive-dbgsym",
+        debug_file.display()
+    );
+    let dbg_sections = elf_sections(&debug_file);
+    for s in [".debug_line", ".symtab"] {
+        assert!(
+            dbg_sections.iter().any(|x| x == s),
+            "the debug file lacks {s}: {dbg_sections:?}"
+        );
+    }
 }
 
 /// The check above is only as good as `systemd-analyze` is strict: a unit with a bad line
@@ -780,6 +913,26 @@ fn scopeguard(pid: u32) -> KillOnDrop {
     KillOnDrop(pid)
 }
 
+/// The .deb as a user gets it: `apt install ./deltadrive_*.deb` on a clean Debian root made by
+/// debootstrap, used, its units run by the root's own systemd (`systemd-nspawn -b`), removed
+/// and purged. `packaging/test-clean-root.sh` does it and prints each check it made.
+#[test]
+fn the_deb_installs_runs_under_systemd_and_purges_clean_on_a_clean_debian() {
+    let Debs { deb, dbgsym } = debs();
+    let o = run(Command::new("bash")
+        .arg(Path::new(REPO).join("packaging/test-clean-root.sh"))
+        .arg("--boot")
+        .arg(deb)
+        .arg(dbgsym));
+    eprintln!("{}", text(&o.stdout));
+    assert_ok("packaging/test-clean-root.sh --boot", &o);
+    let said = text(&o.stdout);
+    assert!(
+        said.lines().last().is_some_and(|l| l.starts_with("PASS: ")),
+        "{said}"
+    );
+}
+
 #[test]
 fn shell_scripts_pass_shellcheck() {
     let scripts = [
@@ -789,6 +942,7 @@ fn shell_scripts_pass_shellcheck() {
         "packaging/debian/postinst",
         "packaging/debian/prerm",
         "packaging/debian/postrm",
+        "packaging/test-clean-root.sh",
     ];
     let o = run(Command::new("shellcheck")
         .current_dir(REPO)
