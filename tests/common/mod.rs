@@ -3,6 +3,7 @@
 //! prints the logs of the processes it started when the test fails.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod replay;
 pub mod server;
 
