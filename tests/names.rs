@@ -627,13 +627,32 @@ impl Mix {
         }
     }
 
-    /// A random name 1 to 3 levels deep from a small alphabet, so operations collide often.
-    fn name(&mut self) -> String {
-        let depth = [1, 1, 2, 2, 3][self.rng.random_range(0..5)];
-        (0..depth)
-            .map(|_| *PARTS.choose(&mut self.rng).unwrap())
-            .collect::<Vec<_>>()
-            .join("/")
+    /// A new name in a random existing folder (at most 3 levels deep), from a small
+    /// alphabet so that operations collide often.
+    fn fresh(&mut self, names: &[(String, bool)]) -> String {
+        let dirs: Vec<&str> = std::iter::once("")
+            .chain(
+                names
+                    .iter()
+                    .filter(|(n, dir)| *dir && n.matches('/').count() < 2)
+                    .map(|(n, _)| n.as_str()),
+            )
+            .collect();
+        let dir = *dirs.choose(&mut self.rng).unwrap();
+        let part = *PARTS.choose(&mut self.rng).unwrap();
+        if dir.is_empty() {
+            part.to_string()
+        } else {
+            format!("{dir}/{part}")
+        }
+    }
+
+    /// An existing name most of the time, else a fresh one.
+    fn existing(&mut self, names: &[(String, bool)]) -> String {
+        match names.choose(&mut self.rng) {
+            Some((n, _)) if self.rng.random_bool(0.85) => n.clone(),
+            _ => self.fresh(names),
+        }
     }
 
     fn content(&mut self) -> Vec<u8> {
@@ -667,9 +686,24 @@ impl Mix {
     }
 
     fn step(&mut self) -> (String, std::io::Result<()>) {
-        let (x, y) = (self.name(), self.name());
-        let (px, py) = (self.root.join(&x), self.root.join(&y));
+        // The names there are now (what the other device's mix did included).
+        let names: Vec<(String, bool)> = walk(&self.root)
+            .into_iter()
+            .map(|(rel, _, md)| (rel, md.is_dir()))
+            .collect();
         let roll = self.rng.random_range(0..100);
+        // New names for create, mkdir and symlink; existing ones (or new) for the rest,
+        // the second name of link and rename half the time over an existing one.
+        let x = match roll {
+            0..=13 | 28..=37 | 94..=95 => self.fresh(&names),
+            _ => self.existing(&names),
+        };
+        let y = if self.rng.random_bool(0.5) {
+            self.existing(&names)
+        } else {
+            self.fresh(&names)
+        };
+        let (px, py) = (self.root.join(&x), self.root.join(&y));
         match roll {
             0..=13 => {
                 let body = self.content();
@@ -722,7 +756,7 @@ impl Mix {
             }
             94..=95 => {
                 // A relative target without `..`: it never points out of the mix's folder.
-                let target = self.name();
+                let target = self.fresh(&names);
                 (
                     format!("symlink {target} {x}"),
                     std::os::unix::fs::symlink(&target, &px),
