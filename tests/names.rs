@@ -32,6 +32,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::{idle, status_json, walk, Cluster};
+use common::renameat2;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -172,27 +173,6 @@ fn a_later_file_still_arrives(c: &Cluster, rel: &str, size: usize) {
         t.get(rel)
     );
     assert_nothing_stuck(c, rel);
-}
-
-/// `renameat2(2)` with `flags`; the errno on failure.
-fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
-    let a = std::ffi::CString::new(from.as_os_str().as_encoded_bytes()).unwrap();
-    let b = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: two valid C strings; AT_FDCWD with absolute paths.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            flags,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
 }
 
 #[test]
