@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::process::Command;
 
-use common::{is_mounted, run, Mounted};
+use common::{is_mounted, renameat2, run, Mounted};
 
 #[test]
 fn everything_is_there_after_unmount_and_mount() {
@@ -423,27 +423,6 @@ fn posix_corner_cases() {
 }
 
 use std::os::unix::fs::FileTypeExt;
-
-fn renameat2(from: &std::path::Path, to: &std::path::Path, flags: u32) -> Result<(), i32> {
-    let a = std::ffi::CString::new(from.to_str().unwrap()).unwrap();
-    let b = std::ffi::CString::new(to.to_str().unwrap()).unwrap();
-    // SAFETY: valid paths; AT_FDCWD with absolute paths.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            flags,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-}
 
 fn xattr_set(p: &std::path::Path, name: &str, value: &[u8]) {
     let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();

@@ -3,6 +3,7 @@
 //! prints the logs of the processes it started when the test fails.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod replay;
 pub mod server;
 
@@ -191,4 +192,25 @@ pub fn is_mounted(p: &Path) -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// `renameat2(2)` with `flags`; the errno on failure.
+pub fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
+    let a = std::ffi::CString::new(from.as_os_str().as_encoded_bytes()).unwrap();
+    let b = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: two valid C strings; AT_FDCWD with absolute paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
 }
