@@ -181,9 +181,15 @@ impl Backend for Memory {
 
     fn put_device(&self, device: DeviceRecord, old_token_hash: Option<String>) -> BoxFut<'_, ()> {
         self.now(move |s| {
+            if s.users.get(&device.user).is_none_or(|u| u.record.is_none()) {
+                return Err(BackendError::NotFound);
+            }
             if let Some(old) = old_token_hash {
                 s.tokens.remove(&old);
             }
+            // Every other token of the device goes: one device, one token.
+            s.tokens
+                .retain(|_, t| !(t.user == device.user && t.device == device.name));
             if let Some(h) = &device.token_hash {
                 s.tokens.insert(
                     h.clone(),
@@ -199,6 +205,27 @@ impl Backend for Memory {
                 .or_default()
                 .devices
                 .insert(device.name.clone(), device);
+            Ok(())
+        })
+    }
+
+    fn set_password(
+        &self,
+        user: String,
+        password_hash: String,
+        keep: Option<String>,
+    ) -> BoxFut<'_, ()> {
+        self.now(move |s| {
+            let data = s.users.get_mut(&user).ok_or(BackendError::NotFound)?;
+            let rec = data.record.as_mut().ok_or(BackendError::NotFound)?;
+            rec.password_hash = password_hash;
+            for d in data.devices.values_mut() {
+                if keep.as_deref() != Some(d.name.as_str()) {
+                    d.token_hash = None;
+                }
+            }
+            s.tokens
+                .retain(|_, t| t.user != user || keep.as_deref() == Some(t.device.as_str()));
             Ok(())
         })
     }
