@@ -37,6 +37,7 @@ pub struct LoginResponse {
 pub async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Result<Json<LoginRequest>, JsonRejection>,
 ) -> Result<Json<LoginResponse>, ApiError> {
@@ -97,7 +98,7 @@ pub async fn login(
     Ok(Json(LoginResponse {
         token,
         device_id,
-        storage_url: public_base(&state, &headers),
+        storage_url: public_base(&state, &headers, &uri),
     }))
 }
 
@@ -178,10 +179,11 @@ pub struct StorageLocation {
 pub async fn storage_location(
     _auth: DeviceAuth,
     State(state): State<AppState>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Json<StorageLocation> {
     Json(StorageLocation {
-        storage_url: public_base(&state, &headers),
+        storage_url: public_base(&state, &headers, &uri),
     })
 }
 

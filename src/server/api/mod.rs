@@ -133,8 +133,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The base URL a device should use for this server's storage.
-pub fn public_base(state: &AppState, headers: &HeaderMap) -> String {
+/// The base URL a device should use for this server's storage: `--public-url`, else the
+/// host the request named (the `Host` header in HTTP/1, the URI's authority in HTTP/2, where
+/// there is no `Host` header).
+pub fn public_base(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> String {
     if let Some(u) = &state.config.public_url {
         return u.trim_end_matches('/').to_string();
     }
@@ -146,6 +148,7 @@ pub fn public_base(state: &AppState, headers: &HeaderMap) -> String {
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost");
     format!("{scheme}://{host}")
 }
