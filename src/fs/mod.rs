@@ -201,7 +201,8 @@ impl FsCore {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
+    /// The metadata lock: every change to the tree and every seal runs under it.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
         self.meta.lock()
     }
 

@@ -202,20 +202,27 @@ impl Syncer {
         let store = Arc::clone(core.store());
         let config = EngineConfig::new(device, rand::random());
         let logged_in = home.device_file().exists();
-        let mut engine = restore_engine(&store, config.clone())?;
-        engine.handle_connectivity(now_ms(), false);
-        let shared = Arc::new(Shared {
-            engine: Mutex::new(engine),
-            config,
-            store,
-            online: AtomicBool::new(false),
-            wake: tokio::sync::Notify::new(),
-            stop: AtomicBool::new(false),
-            report: Mutex::new(SyncReport::load(home)),
-            home: home.clone(),
-        });
-        core.capture()
-            .set_sink(Arc::clone(&shared) as Arc<dyn CommitSink>);
+        // The file system and its sealer run already: under the metadata lock (which every
+        // seal takes) no transaction can reach the outbox between reading it here and the
+        // sink being attached, where the engine would never hear of it.
+        let shared = {
+            let _meta = core.lock();
+            let mut engine = restore_engine(&store, config.clone())?;
+            engine.handle_connectivity(now_ms(), false);
+            let shared = Arc::new(Shared {
+                engine: Mutex::new(engine),
+                config,
+                store,
+                online: AtomicBool::new(false),
+                wake: tokio::sync::Notify::new(),
+                stop: AtomicBool::new(false),
+                report: Mutex::new(SyncReport::load(home)),
+                home: home.clone(),
+            });
+            core.capture()
+                .set_sink(Arc::clone(&shared) as Arc<dyn CommitSink>);
+            shared
+        };
         if !logged_in {
             tracing::info!("not logged in: changes stay in the outbox until `deltadrive login`");
             return Ok(Syncer {
