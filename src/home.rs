@@ -101,4 +101,34 @@ impl Home {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     }
+
+    /// How a running `watch` keeps hard links in its folder (written at its start).
+    pub fn watch_folder_file(&self) -> PathBuf {
+        self.root.join("watch-folder.json")
+    }
+
+    /// Records how the watched folder holds files with several names, for `status`.
+    pub fn save_watch_folder(&self, info: &WatchFolderInfo) {
+        let path = self.watch_folder_file();
+        let tmp = path.with_extension("json.tmp");
+        if let Ok(b) = serde_json::to_vec_pretty(info) {
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+
+    /// What the running `watch` last recorded about its folder.
+    pub fn load_watch_folder(&self) -> Option<WatchFolderInfo> {
+        std::fs::read(self.watch_folder_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+}
+
+/// How a watched folder holds a file with several names.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WatchFolderInfo {
+    /// `"hard links"` where the folder's file system has them, else `"separate copies"`.
+    pub hard_links: String,
 }

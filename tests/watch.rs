@@ -1,7 +1,8 @@
 //! `deltadrive watch DIR` end to end: a real server process, a watched plain folder (a device
 //! of its own home) and a real FUSE mount of the same user. Every change on either side must
 //! show up on the other; changes made while the watcher was stopped are found at its start;
-//! a watched folder on vfat keeps names it cannot hold under adapted names.
+//! a watched folder on vfat keeps names it cannot hold under adapted names; a file with
+//! several names is hard links in a watched folder, separate copies on vfat.
 //!
 //! On a failure every test prints the logs of the server, the watcher and the mount.
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::mix::{names, ops_per_seed, print_ops, replay_hint, seeds, Mix};
 use common::server::TestServer;
 use common::{bin, run, wait_gone, Mounted};
 
@@ -476,6 +478,246 @@ fn names_vfat_cannot_hold_are_adapted_and_kept() {
     w.stop();
     drop((srv, m, w));
     drop(vfat);
+}
+
+fn ino(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (md.ino(), md.nlink())
+}
+
+/// Whether `paths` are one file (the same inode) with exactly that many names.
+fn linked(paths: &[PathBuf]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mds: Vec<_> = paths.iter().map(fs::symlink_metadata).collect();
+    mds.iter().all(|m| {
+        m.as_ref().is_ok_and(|m| {
+            m.nlink() == paths.len() as u64
+                && m.ino() == mds[0].as_ref().map(|f| f.ino()).unwrap_or(0)
+        })
+    })
+}
+
+#[test]
+fn hard_links_stay_hard_links_between_a_watched_folder_and_a_mount() {
+    let p = Pair::new(Watched::new());
+    // Mount → folder: three names of one file, in two folders.
+    fs::create_dir_all(p.m.path("m2")).unwrap();
+    fs::write(p.m.path("a.txt"), b"one file, three names").unwrap();
+    fs::hard_link(p.m.path("a.txt"), p.m.path("b.txt")).unwrap();
+    fs::hard_link(p.m.path("a.txt"), p.m.path("m2/c.txt")).unwrap();
+    p.converge("links made on the mount");
+    let abc = [p.w.p("a.txt"), p.w.p("b.txt"), p.w.p("m2/c.txt")];
+    if !linked(&abc) {
+        p.fail(&format!(
+            "the folder's names are not one file: {:?}",
+            abc.iter().map(|x| ino(x)).collect::<Vec<_>>()
+        ));
+    }
+    let out = run(&["status", "--home", p.w.home.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hard_links"], "hard links", "{v}");
+
+    // Folder → mount: a link made here, then an edit in place through the second name.
+    fs::write(p.w.p("x.txt"), b"xxxxxx in the folder").unwrap();
+    p.converge("x.txt");
+    fs::hard_link(p.w.p("x.txt"), p.w.p("m2/y.txt")).unwrap();
+    p.converge("a link made in the folder");
+    let xy = [p.m.path("x.txt"), p.m.path("m2/y.txt")];
+    assert!(
+        linked(&xy),
+        "{:?}",
+        xy.iter().map(|x| ino(x)).collect::<Vec<_>>()
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(p.w.p("m2/y.txt"))
+            .unwrap();
+        f.write_all_at(b"EDITED", 0).unwrap();
+    }
+    p.converge("an edit through the second name");
+    assert_eq!(
+        fs::read(p.m.path("x.txt")).unwrap(),
+        b"EDITED in the folder"
+    );
+    assert!(linked(&xy));
+
+    // Link, then unlink of the first name (a temp name made final): only the final one.
+    fs::remove_file(p.w.p("x.txt")).unwrap();
+    let t = p.converge("the first name removed in the folder");
+    assert!(!t.contains_key("x.txt"), "{t:?}");
+    assert_eq!(ino(&p.m.path("m2/y.txt")).1, 1);
+    assert_eq!(
+        fs::read(p.m.path("m2/y.txt")).unwrap(),
+        b"EDITED in the folder"
+    );
+
+    // On the mount: one name removed, then the file rewritten through another.
+    fs::remove_file(p.m.path("a.txt")).unwrap();
+    p.converge("a name removed on the mount");
+    let bc = [p.w.p("b.txt"), p.w.p("m2/c.txt")];
+    assert!(
+        linked(&bc),
+        "{:?}",
+        bc.iter().map(|x| ino(x)).collect::<Vec<_>>()
+    );
+    fs::write(
+        p.m.path("b.txt"),
+        b"rewritten on the mount, seen through both names",
+    )
+    .unwrap();
+    p.converge("a rewrite on the mount");
+    assert!(
+        linked(&bc),
+        "{:?}",
+        bc.iter().map(|x| ino(x)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        fs::read(p.w.p("m2/c.txt")).unwrap(),
+        b"rewritten on the mount, seen through both names"
+    );
+
+    // Every name removed on the mount: gone here too, and nothing comes back.
+    fs::remove_file(p.m.path("b.txt")).unwrap();
+    fs::remove_file(p.m.path("m2/c.txt")).unwrap();
+    let t = p.converge("every name removed on the mount");
+    assert!(
+        !t.contains_key("b.txt") && !t.contains_key("m2/c.txt"),
+        "{t:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let t = p.converge("still removed");
+    assert!(
+        !t.contains_key("b.txt") && !t.contains_key("m2/c.txt"),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn hard_links_become_copies_on_vfat_and_status_says_so() {
+    let Some(vfat) = Vfat::new() else { return };
+    let mut w = Watched::new();
+    w.dir = vfat.dir.clone();
+    let p = Pair::new(w);
+    let out = run(&["status", "--home", p.w.home.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hard_links"], "separate copies", "{v}");
+    let out = run(&["status", "--home", p.w.home.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kept as separate copies"), "{text}");
+
+    fs::write(p.m.path("a.txt"), b"two names on the mount").unwrap();
+    fs::hard_link(p.m.path("a.txt"), p.m.path("b.txt")).unwrap();
+    p.wait("two copies in the vfat folder", || {
+        fs::read(p.w.p("a.txt")).ok().as_deref() == Some(&b"two names on the mount"[..])
+            && fs::read(p.w.p("b.txt")).ok().as_deref() == Some(&b"two names on the mount"[..])
+    });
+    p.wait("settled", || {
+        pending(&p.w.home) == 0 && pending(&p.m.home) == 0
+    });
+
+    // An edit of one copy is an edit of the file: both names on the mount show it, and
+    // the other copy here is rewritten.
+    overwrite(&p.w.p("b.txt"), b"EDITED ON VFAT, one file");
+    p.wait("the copy's edit on the mount and in the other copy", || {
+        fs::read(p.m.path("a.txt")).ok().as_deref() == Some(&b"EDITED ON VFAT, one file"[..])
+            && fs::read(p.w.p("a.txt")).ok().as_deref() == Some(&b"EDITED ON VFAT, one file"[..])
+    });
+    assert!(linked(&[p.m.path("a.txt"), p.m.path("b.txt")]));
+
+    // A copy removed here is that name removed: the file keeps its other one.
+    p.wait("settled after the edit", || {
+        pending(&p.w.home) == 0 && pending(&p.m.home) == 0
+    });
+    fs::remove_file(p.w.p("a.txt")).unwrap();
+    p.wait("the name removed on the mount", || {
+        !p.m.path("a.txt").exists()
+    });
+    assert_eq!(ino(&p.m.path("b.txt")).1, 1);
+    assert_eq!(
+        fs::read(p.m.path("b.txt")).unwrap(),
+        b"EDITED ON VFAT, one file"
+    );
+    p.converge("one name left");
+    let Pair { srv, mut w, m } = p;
+    w.stop();
+    drop((srv, m, w));
+    drop(vfat);
+}
+
+/// Waits until the watched folder and the mount hold the same names (type, mode, content,
+/// inode groups and link counts) with nothing left to send; prints both on a failure.
+fn converge_names(p: &Pair, what: &str, ops: &[String]) {
+    let start = Instant::now();
+    loop {
+        let a = names(&p.w.dir);
+        let b = names(&p.m.mp);
+        if a == b && pending(&p.w.home) == 0 && pending(&p.m.home) == 0 {
+            std::thread::sleep(Duration::from_millis(500));
+            if names(&p.w.dir) == a && names(&p.m.mp) == b {
+                return;
+            }
+            continue;
+        }
+        if start.elapsed() > LIMIT * 2 {
+            print_ops(what, ops);
+            for (k, v) in &a {
+                if b.get(k) != Some(v) {
+                    eprintln!("folder {k}: {v:?}\n mount {k}: {:?}", b.get(k));
+                }
+            }
+            for (k, v) in &b {
+                if !a.contains_key(k) {
+                    eprintln!("folder {k}: missing\n mount {k}: {v:?}");
+                }
+            }
+            p.fail(&format!("{what}: did not converge within {:?}", LIMIT * 2));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The random mix of the names tests, in a watched folder (ext4 here: hard links are hard
+/// links), ends name by name the same on a mount of the same user.
+///
+/// The mix runs while the watcher is stopped, and the watcher's start finds it all (as after
+/// a restart or a long suspend), twice per seed: that is deterministic for a seed. With
+/// `DELTADRIVE_WATCH_MIX_LIVE=1` it runs under the running watcher instead, its passes
+/// interleaving with the operations; that finds more and is not deterministic (some seeds
+/// still fail live: see the issue notes), so it is run by hand.
+#[test]
+fn a_random_mix_in_a_watched_folder_ends_the_same_on_a_mount() {
+    let live = std::env::var_os("DELTADRIVE_WATCH_MIX_LIVE").is_some();
+    let mut p = Pair::new(Watched::new());
+    let n = ops_per_seed();
+    for seed in seeds(&[5, 6]) {
+        let _hint = replay_hint(
+            "watch",
+            "a_random_mix_in_a_watched_folder_ends_the_same_on_a_mount",
+            seed,
+            n,
+        );
+        let at = format!("mix-{seed}");
+        fs::create_dir(p.w.p(&at)).unwrap();
+        converge_names(&p, &format!("seed {seed}: its folder"), &[]);
+        let mut mix = Mix::new(seed, p.w.p(&at));
+        for round in 0..2 {
+            if !live {
+                p.w.stop();
+            }
+            let r = mix.run(n / 2);
+            if !live {
+                p.w.start();
+            }
+            if let Err(e) = r {
+                print_ops(&format!("seed {seed}"), &mix.log);
+                p.fail(&e);
+            }
+            converge_names(&p, &format!("seed {seed}, round {round}"), &mix.log);
+        }
+    }
 }
 
 /// Replaces a file's content in place, as an editor saving without a temp file does.

@@ -355,6 +355,10 @@ struct StatusReport {
     /// Local changes the sync engine refused: they wait aside and are retried, while every
     /// other change syncs.
     set_aside: Vec<crate::fs::capture::AsideNote>,
+    /// How the watched folder holds a file with several names: `"hard links"`, or
+    /// `"separate copies"` where its file system has no hard links (vfat); null when not
+    /// watching.
+    hard_links: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -448,6 +452,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         } else {
             Vec::new()
         },
+        hard_links: watching
+            .as_ref()
+            .and_then(|_| home.load_watch_folder())
+            .map(|w| w.hard_links),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -460,6 +468,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     if let (Some(dir), Some(pid)) = (&report.watching, report.pid) {
         println!("watching:        {} (pid {pid})", dir.display());
+        if report.hard_links.as_deref() == Some("separate copies") {
+            println!(
+                "hard links:      kept as separate copies (the folder's file system has none)"
+            );
+        }
     }
     match (&report.server, report.online) {
         (Some(s), Some(true)) => println!("server:          {s} (reachable)"),

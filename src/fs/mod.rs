@@ -386,6 +386,37 @@ impl FsCore {
         }
     }
 
+    /// A second (third, ...) name `newname` in folder `newparent` for file `ino`.
+    pub(crate) fn do_link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Inode> {
+        let newname = name_bytes(newname)?;
+        let _g = self.lock();
+        let mut p = self.dir_inode(newparent)?;
+        let mut i = self.inode(ino)?;
+        if i.kind == FileKind::Directory {
+            return Err(Errno::EPERM);
+        }
+        if self.store.lookup(newparent, newname)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if i.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        let now = Timespec::now();
+        i.nlink += 1;
+        i.ctime = now;
+        i.add_link(newparent, newname);
+        p.mtime = now;
+        p.ctime = now;
+        let mut b = self.store.batch();
+        b.put_dirent(newparent, newname, i.ino, i.kind);
+        b.put_inode(&i);
+        b.put_inode(&p);
+        // A new name is a change to announce, like a rename.
+        self.capture.touch(&mut b, &i, false);
+        self.store.commit(b, false)?;
+        Ok(i)
+    }
+
     pub(crate) fn do_unlink(&self, parent: u64, name: &OsStr, dir: bool) -> FsResult<()> {
         let name = name_bytes(name)?;
         let _g = self.lock();
@@ -1280,36 +1311,7 @@ impl Filesystem for DeltaFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = (|| {
-            let newname = name_bytes(newname)?;
-            let _g = self.lock();
-            let mut p = self.dir_inode(newparent.0)?;
-            let mut i = self.inode(ino.0)?;
-            if i.kind == FileKind::Directory {
-                return Err(Errno::EPERM);
-            }
-            if self.store.lookup(newparent.0, newname)?.is_some() {
-                return Err(Errno::EEXIST);
-            }
-            if i.nlink == 0 {
-                return Err(Errno::ENOENT);
-            }
-            let now = Timespec::now();
-            i.nlink += 1;
-            i.ctime = now;
-            i.add_link(newparent.0, newname);
-            p.mtime = now;
-            p.ctime = now;
-            let mut b = self.store.batch();
-            b.put_dirent(newparent.0, newname, i.ino, i.kind);
-            b.put_inode(&i);
-            b.put_inode(&p);
-            // A new name is a change to announce, like a rename.
-            self.capture.touch(&mut b, &i, false);
-            self.store.commit(b, false)?;
-            Ok(i)
-        })();
-        match r {
+        match self.do_link(ino.0, newparent.0, newname) {
             Ok(i) => reply.entry(&TTL, &self.attr(&i), Generation(0)),
             Err(e) => reply.error(e),
         }

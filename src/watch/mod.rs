@@ -132,6 +132,16 @@ pub fn probe(dir: &Path) -> Caps {
         let _ = std::fs::remove_file(&p);
         r
     };
+    let links = {
+        let (a, b) = (
+            dir.join(format!("{tag}-hard1")),
+            dir.join(format!("{tag}-hard2")),
+        );
+        let r = std::fs::File::create(&a).is_ok() && std::fs::hard_link(&a, &b).is_ok();
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        r
+    };
     let symlinks = {
         let p = dir.join(format!("{tag}-link"));
         let r = std::os::unix::fs::symlink("target", &p).is_ok();
@@ -170,6 +180,7 @@ pub fn probe(dir: &Path) -> Caps {
         names,
         modes: !fat_like,
         symlinks: symlinks && !fat_like,
+        links: links && inos && !fat_like,
         inos: inos && !fat_like,
         hash: fat_like,
     }
@@ -237,6 +248,13 @@ pub fn run(
 
     let sealer_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     home.save_set_aside(&[]);
+    home.save_watch_folder(&crate::home::WatchFolderInfo {
+        hard_links: if caps.links {
+            "hard links".into()
+        } else {
+            "separate copies".into()
+        },
+    });
     let sealer = {
         let core = Arc::clone(&core);
         let stop = Arc::clone(&sealer_stop);

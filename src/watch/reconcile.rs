@@ -62,6 +62,9 @@ pub struct Caps {
     /// fusefat keeps no mtime on write, vfat's mtime has 2 s steps): a content hash
     /// (BLAKE3) is kept in the record and compared when the cheap signals are equal.
     pub hash: bool,
+    /// Hard links (not on FAT-like folders): a file with several names in the store has
+    /// them here as hard links; otherwise each further name is a separate copy.
+    pub links: bool,
 }
 
 /// The store's side of a record: enough to tell that the store changed the object.
@@ -92,6 +95,59 @@ struct Rec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     l_hash: Vec<u8>,
     stamp: Stamp,
+    /// The file's other names (hard links), as last agreed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    extra: Vec<Extra>,
+}
+
+/// A further name of a file with several names, as the folder and the store last agreed.
+/// Where the folder has hard links it is one (`l_ino` is the file's); elsewhere it is a
+/// copy with its own local state, kept in step with the store object both ways.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct Extra {
+    parent: u64,
+    name: Vec<u8>,
+    local: Vec<u8>,
+    l_ino: u64,
+    l_size: u64,
+    l_mtime: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    l_hash: Vec<u8>,
+    /// The store's state the copy was last written from or read into (copies only).
+    stamp: Stamp,
+}
+
+impl Extra {
+    fn set_local(&mut self, l: &Local) {
+        self.l_ino = l.ino;
+        self.l_size = l.size;
+        self.l_mtime = l.mtime;
+        self.l_hash = l.hash.map(|h| h.to_vec()).unwrap_or_default();
+    }
+
+    /// A copy edited here since it was last agreed.
+    fn copy_changed(&self, l: &Local) -> bool {
+        l.ino != self.l_ino
+            || l.size != self.l_size
+            || l.mtime != self.l_mtime
+            || l.hash
+                .is_some_and(|h| !self.l_hash.is_empty() && self.l_hash != h)
+    }
+}
+
+/// Whether store inode `i` has the name `name` in folder `parent`.
+fn has_name(i: &Inode, parent: u64, name: &[u8]) -> bool {
+    i.names().any(|(p, n)| p == parent && n == name)
+}
+
+/// The store name a record stands for: its own while the object still has it, else the
+/// object's first name (renamed in the store since).
+fn store_name(r: &Rec, i: &Inode) -> (u64, Vec<u8>) {
+    if has_name(i, r.parent, &r.name) {
+        (r.parent, r.name.clone())
+    } else {
+        (i.parent, i.name.clone())
+    }
 }
 
 fn kind_code(k: FileKind) -> u8 {
@@ -230,13 +286,17 @@ fn errno(what: &str, e: Errno) -> anyhow::Error {
 /// The folder as scanned at the start of a pass (relative paths).
 struct Scan {
     by_path: HashMap<PathBuf, Local>,
+    /// The least path of each local inode.
     by_ino: HashMap<u64, PathBuf>,
+    /// Every path of local inodes with more than one (hard links), in order.
+    group: HashMap<u64, Vec<PathBuf>>,
 }
 
 fn scan(root: &Path, inos: bool, hash: bool) -> Scan {
     let mut s = Scan {
         by_path: HashMap::new(),
         by_ino: HashMap::new(),
+        group: HashMap::new(),
     };
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -255,9 +315,23 @@ fn scan(root: &Path, inos: bool, hash: bool) -> Scan {
             if l.kind == FileKind::Directory {
                 stack.push(r.clone());
             }
-            s.by_ino.insert(l.ino, r.clone());
+            match s.by_ino.get_mut(&l.ino) {
+                Some(first) => {
+                    let g = s.group.entry(l.ino).or_insert_with(|| vec![first.clone()]);
+                    g.push(r.clone());
+                    if r < *first {
+                        *first = r.clone();
+                    }
+                }
+                None => {
+                    s.by_ino.insert(l.ino, r.clone());
+                }
+            }
             s.by_path.insert(r, l);
         }
+    }
+    for g in s.group.values_mut() {
+        g.sort();
     }
     s
 }
@@ -316,6 +390,33 @@ impl State {
             p.push(OsStr::from_bytes(part));
         }
         Some(p)
+    }
+
+    /// The local path (relative) of store folder `dir` (the root is the empty path).
+    fn dir_path(&self, dir: u64) -> Option<PathBuf> {
+        if dir == ROOT_INO {
+            Some(PathBuf::new())
+        } else {
+            self.path(dir)
+        }
+    }
+
+    /// The local path (relative) of a further name.
+    fn extra_path(&self, e: &Extra) -> Option<PathBuf> {
+        Some(self.dir_path(e.parent)?.join(OsStr::from_bytes(&e.local)))
+    }
+
+    /// The store folder of local folder `rel` as the scan shows it (the root, or the
+    /// recorded folder whose local inode is there).
+    fn dir_path_of(&self, scan: &Scan, rel: &Path) -> Option<u64> {
+        if rel.as_os_str().is_empty() {
+            return Some(ROOT_INO);
+        }
+        let l = scan.by_path.get(rel)?;
+        self.recs
+            .iter()
+            .find(|(_, r)| r.kind == 1 && r.l_ino == l.ino)
+            .map(|(s, _)| *s)
     }
 
     /// The store folder for a local folder path, found by the folder's local inode.
@@ -447,7 +548,30 @@ impl Reconciler {
 
     fn import(&self, st: &mut State) -> anyhow::Result<()> {
         let scan = scan(&self.root, self.caps.inos, self.caps.hash);
-        let mut by_lino: HashMap<u64, u64> = st.recs.iter().map(|(s, r)| (r.l_ino, *s)).collect();
+        // Which record each local inode belongs to. A record claims its inode only while an
+        // entry of its kind has it: the inode of something deleted here is free for a new
+        // entry (file systems reuse inode numbers at once).
+        let mut by_lino: HashMap<u64, u64> = HashMap::new();
+        for (s, r) in &st.recs {
+            // A copy standing for a further name is that object's, not a new file.
+            for e in &r.extra {
+                let held = st
+                    .extra_path(e)
+                    .and_then(|p| scan.by_path.get(&p))
+                    .is_some_and(|l| l.ino == e.l_ino);
+                if held {
+                    by_lino.insert(e.l_ino, *s);
+                }
+            }
+            let held = scan
+                .by_ino
+                .get(&r.l_ino)
+                .and_then(|p| scan.by_path.get(p))
+                .is_some_and(|l| kind_code(l.kind) == r.kind);
+            if held {
+                by_lino.insert(r.l_ino, *s);
+            }
+        }
 
         // 1. New local folders, parents first.
         let mut new: Vec<&PathBuf> = scan
@@ -462,7 +586,7 @@ impl Reconciler {
             .filter(|p| scan.by_path[**p].kind == FileKind::Directory)
         {
             let l = &scan.by_path[*rel];
-            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l)? {
+            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l, false)? {
                 by_lino.insert(l.ino, s);
             }
         }
@@ -476,6 +600,11 @@ impl Reconciler {
         known.sort_unstable();
         let mut gone = Vec::new();
         for (_, s) in known {
+            // Further names first: the record's own name may go to one of them.
+            if let Err(e) = self.import_names(st, &scan, &mut by_lino, s) {
+                tracing::warn!("watch: the names of a file with several: {e:#}; again later");
+                self.retry.store(true, Ordering::Relaxed);
+            }
             // Computed now: a folder renamed earlier in this loop moved its children.
             let (Some(rec), Some(path)) = (st.recs.get(&s).cloned(), st.path(s)) else {
                 continue;
@@ -520,7 +649,7 @@ impl Reconciler {
                     st.remove(s);
                     by_lino.remove(&rec.l_ino);
                     let l = scan.by_path[&at].clone();
-                    if let Some(n) = self.import_new(st, &scan, &by_lino, &at, &l)? {
+                    if let Some(n) = self.import_new(st, &scan, &by_lino, &at, &l, false)? {
                         by_lino.insert(l.ino, n);
                     }
                 }
@@ -536,25 +665,61 @@ impl Reconciler {
                     continue;
                 };
                 let local_name = file_name(&at);
-                let store_name = if local_name == rec.local {
-                    inode.name.clone()
+                let (from_parent, from_name) = store_name(&rec, &inode);
+                let to_name = if local_name == rec.local {
+                    from_name.clone()
                 } else {
                     local_name.clone()
                 };
-                let noop = new_parent == inode.parent && store_name == inode.name;
+                let noop = new_parent == from_parent && to_name == from_name;
                 match if noop {
                     Ok(())
                 } else {
                     self.core.do_rename(
-                        inode.parent,
-                        OsStr::from_bytes(&inode.name),
+                        from_parent,
+                        OsStr::from_bytes(&from_name),
                         new_parent,
-                        OsStr::from_bytes(&store_name),
+                        OsStr::from_bytes(&to_name),
                         RenameFlags::RENAME_NOREPLACE,
                     )
                 } {
                     Ok(()) => {}
                     Err(e) => {
+                        // Two entries that swapped places here (`RENAME_EXCHANGE`, or `mv`
+                        // through a third name): the same exchange in the store.
+                        if self.exchange_in_store(st, &scan, s, &rec, &inode, &path, &at)? {
+                            continue;
+                        }
+                        // A ring of moves (a to b, b to c, c to a): the object still holding
+                        // the name steps aside to a temporary one; its own turn (now or in
+                        // the next pass) moves it on to where it went here.
+                        if self.free_name(st, &scan, s, new_parent, &to_name, &at)?
+                            && self
+                                .core
+                                .do_rename(
+                                    from_parent,
+                                    OsStr::from_bytes(&from_name),
+                                    new_parent,
+                                    OsStr::from_bytes(&to_name),
+                                    RenameFlags::RENAME_NOREPLACE,
+                                )
+                                .is_ok()
+                        {
+                            inode = self
+                                .live_inode(s)?
+                                .ok_or_else(|| anyhow!("renamed inode vanished"))?;
+                            rec.parent = new_parent;
+                            rec.name = to_name;
+                            rec.local = local_name;
+                            rec.stamp = if store_was_changed {
+                                stale_stamp()
+                            } else {
+                                stamp(&inode)
+                            };
+                            st.put(s, rec.clone());
+                            self.retry.store(true, Ordering::Relaxed);
+                            continue;
+                        }
                         tracing::warn!(
                             "watch: cannot rename {} in the store ({e:?}); trying again later",
                             path.display()
@@ -567,7 +732,7 @@ impl Reconciler {
                     .live_inode(s)?
                     .ok_or_else(|| anyhow!("renamed inode vanished"))?;
                 rec.parent = new_parent;
-                rec.name = store_name;
+                rec.name = to_name;
                 rec.local = local_name;
                 rec.stamp = if store_was_changed {
                     stale_stamp()
@@ -617,12 +782,13 @@ impl Reconciler {
                 }
                 _ => {
                     // A symlink's target changed: symlinks are immutable, so replace it.
+                    let (p, n) = store_name(&rec, &inode);
                     self.core
-                        .do_unlink(inode.parent, OsStr::from_bytes(&inode.name), false)
+                        .do_unlink(p, OsStr::from_bytes(&n), false)
                         .map_err(|e| errno("unlink", e))?;
                     st.remove(s);
                     by_lino.remove(&rec.l_ino);
-                    if let Some(n) = self.import_new(st, &scan, &by_lino, &at, &l)? {
+                    if let Some(n) = self.import_new(st, &scan, &by_lino, &at, &l, false)? {
                         by_lino.insert(l.ino, n);
                     }
                 }
@@ -639,13 +805,17 @@ impl Reconciler {
             };
             if rec.kind != 1 && rec.store_changed(&inode) {
                 // Changed in the store since: the export puts the new version back.
+                tracing::debug!(
+                    "watch: {} deleted here but changed in the store since ({:?} then, {:?} now)",
+                    path.display(),
+                    rec.stamp,
+                    stamp(&inode)
+                );
                 continue;
             }
             let dir = rec.kind == 1;
-            match self
-                .core
-                .do_unlink(inode.parent, OsStr::from_bytes(&inode.name), dir)
-            {
+            let (p, n) = store_name(&rec, &inode);
+            match self.core.do_unlink(p, OsStr::from_bytes(&n), dir) {
                 Ok(()) => {
                     tracing::debug!("watch: {} deleted here", path.display());
                     st.remove(s);
@@ -665,10 +835,432 @@ impl Reconciler {
             if by_lino.contains_key(&l.ino) {
                 continue;
             }
-            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l)? {
+            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l, true)? {
+                by_lino.insert(l.ino, s);
+                if scan.group.contains_key(&l.ino) {
+                    // A new file with several names here: its other names at once.
+                    self.import_names(st, &scan, &mut by_lino, s)?;
+                }
+            }
+        }
+
+        // 4. New local folders whose name a store object still held in step 1 (it was not
+        //    deleted or moved by this pass): the local folder takes the name, and the store
+        //    object, absent here, is kept under a conflicted-copy name.
+        for rel in new
+            .iter()
+            .filter(|p| scan.by_path[**p].kind == FileKind::Directory)
+        {
+            let l = &scan.by_path[*rel];
+            if by_lino.contains_key(&l.ino) {
+                continue;
+            }
+            if let Some(s) = self.import_new(st, &scan, &by_lino, rel, l, true)? {
                 by_lino.insert(l.ino, s);
             }
         }
+        Ok(())
+    }
+
+    /// Frees the store name `name` in folder `parent`, held by object `o` that has no local
+    /// entry under it (a new object from another device, or one deleted here but changed in
+    /// the store since), for a new local entry of that name: `o` goes to a conflicted-copy
+    /// name, and the export writes it there. Returns false (nothing done) when `o` is here.
+    fn move_aside(
+        &self,
+        st: &mut State,
+        scan: &Scan,
+        o: u64,
+        parent: u64,
+        name: &[u8],
+    ) -> anyhow::Result<bool> {
+        if let Some(r) = st.recs.get(&o) {
+            let here = st.path(o).is_some_and(|p| {
+                scan.by_path
+                    .get(&p)
+                    .is_some_and(|l| l.ino == r.l_ino && kind_code(l.kind) == r.kind)
+            });
+            if here {
+                return Ok(false);
+            }
+        }
+        let changed_before = match (st.recs.get(&o), self.live_inode(o)?) {
+            (Some(r), Some(i)) => r.store_changed(&i),
+            _ => true,
+        };
+        let store = self.core.store();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let base = crate::changelog::Name(name.to_vec());
+        let mut attempt = 0;
+        let aside = loop {
+            let n = crate::engine::conflicted_copy_name(
+                &base,
+                self.core.capture().device(),
+                now_ms,
+                attempt,
+            );
+            if store.lookup(parent, &n.0)?.is_none() {
+                break n.0;
+            }
+            attempt += 1;
+        };
+        if let Err(e) = self.core.do_rename(
+            parent,
+            OsStr::from_bytes(name),
+            parent,
+            OsStr::from_bytes(&aside),
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
+            tracing::debug!("watch: cannot move the store's object aside: {e:?}");
+            return Ok(false);
+        }
+        tracing::info!(
+            "watch: {:?} was taken by a new local entry; the store's object there is kept as {:?}",
+            String::from_utf8_lossy(name),
+            String::from_utf8_lossy(&aside)
+        );
+        if let Some(mut r) = st.recs.get(&o).cloned() {
+            r.parent = parent;
+            r.name = aside.clone();
+            r.local = aside;
+            // A change in the store before this rename is still one to write back here;
+            // the rename itself is not.
+            if let Some(now) = self.live_inode(o)? {
+                r.stamp = if changed_before {
+                    stale_stamp()
+                } else {
+                    stamp(&now)
+                };
+            }
+            st.put(o, r);
+        }
+        Ok(true)
+    }
+
+    /// Frees store name `name` in folder `parent` for object `s` moving there (to local
+    /// `at`): the object there, which is not at `at` here, goes to a conflicted-copy name
+    /// ([`Reconciler::move_aside`]); if it moved here too, its own turn (now or in the next
+    /// pass) moves it on from there. Returns whether the name is free now.
+    fn free_name(
+        &self,
+        st: &mut State,
+        scan: &Scan,
+        s: u64,
+        parent: u64,
+        name: &[u8],
+        at: &Path,
+    ) -> anyhow::Result<bool> {
+        let store = self.core.store();
+        let Some((t, _)) = store.lookup(parent, name)? else {
+            return Ok(true);
+        };
+        if t == s {
+            return Ok(false);
+        }
+        if let Some(trec) = st.recs.get(&t) {
+            if scan
+                .by_path
+                .get(at)
+                .is_some_and(|l| l.ino == trec.l_ino && kind_code(l.kind) == trec.kind)
+            {
+                return Ok(false);
+            }
+        }
+        self.move_aside(st, scan, t, parent, name)
+    }
+
+    /// When recorded object `s` went from `path` to `at` here and the object recorded at
+    /// `at` went to `path`, exchanges the two in the store and moves both records; returns
+    /// whether it did. Their contents and modes are left to the rest of the pass.
+    #[allow(clippy::too_many_arguments)]
+    fn exchange_in_store(
+        &self,
+        st: &mut State,
+        scan: &Scan,
+        s: u64,
+        rec: &Rec,
+        inode: &Inode,
+        path: &Path,
+        at: &Path,
+    ) -> anyhow::Result<bool> {
+        let (Some(parent_at), Some(parent_path)) = (
+            at.parent().and_then(|p| st.dir_path_of(scan, p)),
+            path.parent().and_then(|p| st.dir_path_of(scan, p)),
+        ) else {
+            return Ok(false);
+        };
+        let Some((t, _)) = self.core.store().lookup(parent_at, &file_name(at))? else {
+            return Ok(false);
+        };
+        let Some(trec) = st.recs.get(&t).cloned() else {
+            return Ok(false);
+        };
+        let swapped = t != s
+            && st.path(t).as_deref() == Some(at)
+            && scan
+                .by_path
+                .get(path)
+                .is_some_and(|l| l.ino == trec.l_ino && kind_code(l.kind) == trec.kind);
+        let Some(tinode) = self.live_inode(t)? else {
+            return Ok(false);
+        };
+        if !swapped || parent_path != store_name(rec, inode).0 {
+            return Ok(false);
+        }
+        let (from_parent, from_name) = store_name(rec, inode);
+        let (to_parent, to_name) = store_name(&trec, &tinode);
+        if self
+            .core
+            .do_rename(
+                from_parent,
+                OsStr::from_bytes(&from_name),
+                to_parent,
+                OsStr::from_bytes(&to_name),
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .is_err()
+        {
+            return Ok(false);
+        }
+        tracing::debug!(
+            "watch: {} and {} exchanged here",
+            path.display(),
+            at.display()
+        );
+        for (o, r, was, p, n, local) in [
+            (
+                s,
+                rec,
+                inode,
+                to_parent,
+                to_name.clone(),
+                trec.local.clone(),
+            ),
+            (
+                t,
+                &trec,
+                &tinode,
+                from_parent,
+                from_name.clone(),
+                rec.local.clone(),
+            ),
+        ] {
+            let mut r = r.clone();
+            let changed = r.store_changed(was);
+            r.parent = p;
+            r.name = n;
+            r.local = local;
+            if let Some(now) = self.live_inode(o)? {
+                r.stamp = if changed { stale_stamp() } else { stamp(&now) };
+            }
+            st.put(o, r);
+        }
+        Ok(true)
+    }
+
+    /// The further names of file `s` (hard links, or copies where the folder has none):
+    /// names gone here leave the store (an unlink never deletes the file: it keeps its other
+    /// names), the record moves to another name when its own went, and new local hard links
+    /// become store links. On a copy edited here, the object takes its content.
+    fn import_names(
+        &self,
+        st: &mut State,
+        scan: &Scan,
+        by_lino: &mut HashMap<u64, u64>,
+        s: u64,
+    ) -> anyhow::Result<()> {
+        let Some(mut rec) = st.recs.get(&s).cloned() else {
+            return Ok(());
+        };
+        let links = self.caps.links;
+        let group: &[PathBuf] = if links && rec.kind != 1 {
+            scan.group.get(&rec.l_ino).map_or(&[], Vec::as_slice)
+        } else {
+            &[]
+        };
+        if rec.extra.is_empty() && group.is_empty() {
+            return Ok(());
+        }
+        let Some(inode) = self.live_inode(s)? else {
+            // Gone from the store: the export removes its names here.
+            return Ok(());
+        };
+        let Some(primary) = st.path(s) else {
+            return Ok(());
+        };
+        let store_was_changed = rec.store_changed(&inode);
+        let before = stamp(&inode);
+        let kind = rec.kind;
+        let l_ino = rec.l_ino;
+        // Whether the local entry at `p` still is the file (or the copy `e`).
+        let holds = |p: &Path, e: Option<&Extra>| {
+            scan.by_path.get(p).is_some_and(|l| {
+                kind_code(l.kind) == kind
+                    && (l.ino == l_ino && (links || e.is_none())
+                        || e.is_some_and(|e| l.ino == e.l_ino))
+            })
+        };
+        let store = self.core.store();
+        let mut touched = false;
+
+        // 1. Recorded further names gone here.
+        let mut kept = Vec::with_capacity(rec.extra.len());
+        for e in std::mem::take(&mut rec.extra) {
+            let Some(here) = st.extra_path(&e) else {
+                kept.push(e);
+                continue;
+            };
+            if holds(&here, Some(&e)) {
+                kept.push(e);
+                continue;
+            }
+            if store.lookup(e.parent, &e.name)?.map(|(o, _)| o) == Some(s) {
+                match self
+                    .core
+                    .do_unlink(e.parent, OsStr::from_bytes(&e.name), false)
+                {
+                    Ok(()) => {}
+                    Err(err) if err == Errno::ENOENT => {}
+                    Err(err) => {
+                        kept.push(e);
+                        return Err(errno("unlink of a further name", err));
+                    }
+                }
+                touched = true;
+            }
+            tracing::debug!("watch: {} (a further name) removed here", here.display());
+            if !links {
+                by_lino.remove(&e.l_ino);
+            }
+        }
+        rec.extra = kept;
+
+        // 2. The record's own name gone here while a further name still holds the file: that
+        //    name becomes the record's own, and the store drops the old one.
+        if !holds(&primary, None) {
+            let here: Vec<bool> = rec
+                .extra
+                .iter()
+                .map(|e| st.extra_path(e).is_some_and(|p| holds(&p, Some(e))))
+                .collect();
+            if let Some(k) = here.iter().position(|h| *h) {
+                let (p, n) = store_name(&rec, &inode);
+                if store.lookup(p, &n)?.map(|(o, _)| o) == Some(s) {
+                    self.core
+                        .do_unlink(p, OsStr::from_bytes(&n), false)
+                        .map_err(|e| errno("unlink of a name", e))?;
+                    touched = true;
+                }
+                let e = rec.extra.remove(k);
+                tracing::debug!(
+                    "watch: {} removed here; the file keeps its other names",
+                    primary.display()
+                );
+                if !links {
+                    by_lino.remove(&rec.l_ino);
+                    rec.l_ino = e.l_ino;
+                    rec.l_size = e.l_size;
+                    rec.l_mtime = e.l_mtime;
+                    rec.l_hash = e.l_hash.clone();
+                }
+                rec.parent = e.parent;
+                rec.name = e.name;
+                rec.local = e.local;
+            }
+        }
+
+        // 3. New local hard links: the store links the same names. Where the record's own
+        //    name went with no recorded name left, the least path is where the main pass
+        //    moves it (a rename), so that one is left to it.
+        let primary = st.path(s).unwrap_or(primary);
+        let mut st_paths: HashSet<PathBuf> =
+            rec.extra.iter().filter_map(|e| st.extra_path(e)).collect();
+        st_paths.insert(primary.clone());
+        let moving = !holds(&primary, None);
+        for (i, p) in group.iter().enumerate() {
+            if st_paths.contains(p) || (moving && i == 0) {
+                continue;
+            }
+            let parent_rel = p.parent().unwrap_or(Path::new(""));
+            let Some(parent) = st.store_dir(scan, by_lino, parent_rel) else {
+                self.retry.store(true, Ordering::Relaxed);
+                continue;
+            };
+            let name = file_name(p);
+            match store.lookup(parent, &name)? {
+                Some((o, _)) if o == s => {}
+                Some(_) => {
+                    tracing::warn!(
+                        "watch: {} clashes with another object of the same name; trying again later",
+                        p.display()
+                    );
+                    self.retry.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                None => {
+                    self.core
+                        .do_link(s, parent, OsStr::from_bytes(&name))
+                        .map_err(|e| errno("link", e))?;
+                    touched = true;
+                    tracing::debug!("watch: {} linked here", p.display());
+                }
+            }
+            let l = &scan.by_path[p];
+            let mut e = Extra {
+                parent,
+                name: name.clone(),
+                local: name,
+                l_ino: 0,
+                l_size: 0,
+                l_mtime: 0,
+                l_hash: Vec::new(),
+                stamp: stamp(&inode),
+            };
+            e.set_local(l);
+            rec.extra.push(e);
+        }
+
+        // 4. Copies edited here: the object takes the copy's content; the export writes it
+        //    to the file's other names.
+        if !links {
+            for k in 0..rec.extra.len() {
+                let e = rec.extra[k].clone();
+                let Some(rel) = st.extra_path(&e) else {
+                    continue;
+                };
+                let Some(l) = scan.by_path.get(&rel) else {
+                    continue;
+                };
+                if !e.copy_changed(l) {
+                    continue;
+                }
+                let keep_mtime = !self.caps.hash || l.mtime != e.l_mtime;
+                if self.import_content(s, &self.root.join(&rel), l, keep_mtime)? {
+                    let i = self
+                        .live_inode(s)?
+                        .ok_or_else(|| anyhow!("inode vanished"))?;
+                    rec.extra[k].set_local(l);
+                    rec.extra[k].stamp = stamp(&i);
+                    // Written to the record's own name by the export.
+                    rec.stamp = stale_stamp();
+                    tracing::debug!("watch: {} (a copy) edited here", rel.display());
+                }
+            }
+        }
+
+        // The store changed by this pass alone is not a change to write back here.
+        if touched && !store_was_changed && rec.stamp != stale_stamp() {
+            if let Some(i) = self.live_inode(s)? {
+                rec.stamp = stamp(&i);
+                for e in rec.extra.iter_mut().filter(|e| e.stamp == before) {
+                    e.stamp = stamp(&i);
+                }
+            }
+        }
+        st.put(s, rec);
         Ok(())
     }
 
@@ -681,6 +1273,7 @@ impl Reconciler {
         by_lino: &HashMap<u64, u64>,
         rel: &Path,
         l: &Local,
+        take_name: bool,
     ) -> anyhow::Result<Option<u64>> {
         if l.kind == FileKind::Symlink && !self.caps.symlinks {
             return Ok(None);
@@ -692,14 +1285,25 @@ impl Reconciler {
         };
         let name = file_name(rel);
         let store = self.core.store();
-        let existing = store.lookup(parent, &name)?;
+        let mut existing = store.lookup(parent, &name)?;
+        if let Some((o, kind)) = existing {
+            if (kind != l.kind || st.recs.contains_key(&o))
+                && take_name
+                && self.move_aside(st, scan, o, parent, &name)?
+            {
+                existing = None;
+            }
+        }
         let s = match existing {
             Some((s, kind)) => {
                 if kind != l.kind || st.recs.contains_key(&s) {
+                    // Often the rest of this pass frees the name (the object there moved or
+                    // went here too): a later pass tries again.
                     tracing::warn!(
-                        "watch: {} clashes with another object of the same name; left out",
+                        "watch: {} clashes with another object of the same name; trying again later",
                         rel.display()
                     );
+                    self.retry.store(true, Ordering::Relaxed);
                     return Ok(None);
                 }
                 // The store already holds it (a record lost in a crash, or a home that was
@@ -766,6 +1370,7 @@ impl Reconciler {
             l_target: Vec::new(),
             l_hash: Vec::new(),
             stamp: stamp(i),
+            extra: Vec::new(),
         };
         r.set_local(l);
         r
@@ -922,7 +1527,12 @@ impl Reconciler {
         }
         gone.sort_by_key(|(p, _)| std::cmp::Reverse((depth(p), p.clone())));
         for (rel, s) in &gone {
-            let rec = st.recs[s].clone();
+            let mut rec = st.recs[s].clone();
+            if !rec.extra.is_empty() {
+                let gone = std::mem::take(&mut rec.extra);
+                rec.extra = self.remove_extras(st, &rec, gone);
+                st.put(*s, rec.clone());
+            }
             let abs = self.root.join(rel);
             match local_of(&abs, self.caps.inos, self.caps.hash) {
                 Ok(l) if l.ino == rec.l_ino && !rec.local_changed(&l) => {
@@ -949,8 +1559,262 @@ impl Reconciler {
                 _ => st.remove(*s),
             }
         }
-        // 2. The store's tree, top down.
-        self.export_dir(st, ROOT_INO, PathBuf::new())
+        // 2. A record's own name gone from the store while the file keeps a further name:
+        //    that name becomes the record's own (and the old one goes here).
+        self.export_own_names(st)?;
+        // 3. The store's tree, top down; then the further names of files with several.
+        self.export_dir(st, ROOT_INO, PathBuf::new())?;
+        self.export_names(st)
+    }
+
+    fn export_own_names(&self, st: &mut State) -> anyhow::Result<()> {
+        let with_extra: Vec<u64> = st
+            .recs
+            .iter()
+            .filter(|(_, r)| !r.extra.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        for s in with_extra {
+            let Some(inode) = self.live_inode(s)? else {
+                continue;
+            };
+            let Some(mut rec) = st.recs.get(&s).cloned() else {
+                continue;
+            };
+            if has_name(&inode, rec.parent, &rec.name) {
+                continue;
+            }
+            let Some(k) = rec
+                .extra
+                .iter()
+                .position(|e| has_name(&inode, e.parent, &e.name))
+            else {
+                // Renamed in the store: the tree pass moves it.
+                continue;
+            };
+            if let Some(rel) = st.path(s) {
+                let abs = self.root.join(&rel);
+                match local_of(&abs, self.caps.inos, self.caps.hash) {
+                    Ok(l) if l.ino == rec.l_ino && (self.caps.links || !rec.local_changed(&l)) => {
+                        std::fs::remove_file(&abs)
+                            .with_context(|| format!("removing {}", abs.display()))?;
+                        tracing::debug!("watch: {} removed (a name gone)", rel.display());
+                    }
+                    Ok(_) => {
+                        // Edited here: the next pass imports it first.
+                        self.retry.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(_) => {}
+                }
+            }
+            let e = rec.extra.remove(k);
+            if !self.caps.links {
+                rec.l_ino = e.l_ino;
+                rec.l_size = e.l_size;
+                rec.l_mtime = e.l_mtime;
+                rec.l_hash = e.l_hash.clone();
+            }
+            rec.parent = e.parent;
+            rec.name = e.name;
+            rec.local = e.local;
+            st.put(s, rec);
+        }
+        Ok(())
+    }
+
+    /// Removes the local entries of further names `gone` of `rec`'s file (a copy only when
+    /// unchanged here; one changed here is left to the import as a file of its own);
+    /// returns the ones that could not be removed.
+    fn remove_extras(&self, st: &State, rec: &Rec, gone: Vec<Extra>) -> Vec<Extra> {
+        let mut kept = Vec::new();
+        for e in gone {
+            let Some(rel) = st.extra_path(&e) else {
+                continue;
+            };
+            let abs = self.root.join(&rel);
+            let ours = match local_of(&abs, self.caps.inos, self.caps.hash) {
+                Ok(l) if self.caps.links => {
+                    kind_code(l.kind) == rec.kind && (l.ino == rec.l_ino || l.ino == e.l_ino)
+                }
+                Ok(l) => {
+                    if l.ino == e.l_ino && e.copy_changed(&l) {
+                        // Edited here: kept, and imported as a file of its own.
+                        self.retry.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    l.ino == e.l_ino
+                }
+                Err(_) => false,
+            };
+            if ours {
+                match std::fs::remove_file(&abs) {
+                    Ok(()) => tracing::debug!("watch: {} removed (a name gone)", rel.display()),
+                    Err(err) => {
+                        tracing::debug!("watch: keeping {}: {err}", rel.display());
+                        self.retry.store(true, Ordering::Relaxed);
+                        kept.push(e);
+                    }
+                }
+            }
+        }
+        kept
+    }
+
+    /// Brings the further names of every file with several to the store's: removes the
+    /// ones it dropped, makes the new ones (hard links to the file, or copies), and writes
+    /// copies (or re-links names that a rewrite of the file left on its old content).
+    fn export_names(&self, st: &mut State) -> anyhow::Result<()> {
+        let candidates: Vec<u64> = st
+            .recs
+            .iter()
+            .filter(|(_, r)| r.kind != 1)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in candidates {
+            let Some(inode) = self.live_inode(s)? else {
+                continue;
+            };
+            let Some(mut rec) = st.recs.get(&s).cloned() else {
+                continue;
+            };
+            if inode.links.is_empty() && rec.extra.is_empty() {
+                continue;
+            }
+            if inode.kind == FileKind::Symlink && !self.caps.links {
+                continue;
+            }
+            if !has_name(&inode, rec.parent, &rec.name) {
+                // Not moved to its store name yet (a clash): later.
+                self.retry.store(true, Ordering::Relaxed);
+                continue;
+            }
+            let Some(prim_rel) = st.path(s) else {
+                continue;
+            };
+            let prim = self.root.join(&prim_rel);
+            match local_of(&prim, self.caps.inos, false) {
+                Ok(l) if l.ino == rec.l_ino => {}
+                _ => {
+                    // Changed here since: the next pass imports it first.
+                    self.retry.store(true, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            let others: Vec<(u64, Vec<u8>)> = inode
+                .names()
+                .filter(|(p, n)| !(*p == rec.parent && *n == rec.name.as_slice()))
+                .map(|(p, n)| (p, n.to_vec()))
+                .collect();
+            let before = rec.extra.clone();
+            // 1. Names the store dropped.
+            let (stay, gone): (Vec<Extra>, Vec<Extra>) = std::mem::take(&mut rec.extra)
+                .into_iter()
+                .partition(|e| others.iter().any(|(p, n)| *p == e.parent && *n == e.name));
+            let mut extra = stay;
+            extra.extend(self.remove_extras(st, &rec, gone));
+            // 2. Names already here: re-linked, or their copy rewritten when the store moved.
+            for e in &mut extra {
+                let Some(rel) = st.extra_path(e) else {
+                    continue;
+                };
+                let abs = self.root.join(&rel);
+                let Ok(l) = local_of(&abs, self.caps.inos, false) else {
+                    continue;
+                };
+                if self.caps.links {
+                    if l.ino != rec.l_ino && l.ino == e.l_ino {
+                        let tmp = temp_path(&abs);
+                        std::fs::hard_link(&prim, &tmp)
+                            .and_then(|()| std::fs::rename(&tmp, &abs))
+                            .with_context(|| format!("linking {}", abs.display()))?;
+                        e.l_ino = rec.l_ino;
+                    }
+                    e.stamp = stamp(&inode);
+                } else if e.stamp != stamp(&inode) {
+                    let l = if self.caps.hash {
+                        local_of(&abs, self.caps.inos, true)?
+                    } else {
+                        l
+                    };
+                    if e.copy_changed(&l) {
+                        self.retry.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    let l = self.write_file(&inode, &abs)?;
+                    e.set_local(&l);
+                    e.stamp = stamp(&inode);
+                    tracing::debug!("watch: {} (a copy) written from the store", rel.display());
+                }
+            }
+            // 3. New names.
+            for (p, n) in &others {
+                if extra.iter().any(|e| e.parent == *p && e.name == *n) {
+                    continue;
+                }
+                let Some(dir_rel) = st.dir_path(*p) else {
+                    self.retry.store(true, Ordering::Relaxed);
+                    continue;
+                };
+                let abs_dir = self.root.join(&dir_rel);
+                let rules = self.caps.names;
+                let mut taken: HashSet<Vec<u8>> = HashSet::new();
+                if let Ok(rd) = std::fs::read_dir(&abs_dir) {
+                    for e in rd.flatten() {
+                        taken.insert(names::fold(e.file_name().as_bytes(), rules));
+                    }
+                }
+                // Its own earlier link may be here already (a pass cut short).
+                let plain = abs_dir.join(OsStr::from_bytes(n));
+                let local = match local_of(&plain, self.caps.inos, false) {
+                    Ok(l) if self.caps.links && l.ino == rec.l_ino => n.clone(),
+                    _ => names::adapt(n, rules, &|k| taken.contains(k)),
+                };
+                let abs = abs_dir.join(OsStr::from_bytes(&local));
+                let l = if self.caps.links {
+                    match local_of(&abs, self.caps.inos, false) {
+                        Ok(l) if l.ino == rec.l_ino => l,
+                        Ok(_) => {
+                            self.retry.store(true, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(_) => {
+                            std::fs::hard_link(&prim, &abs)
+                                .with_context(|| format!("linking {}", abs.display()))?;
+                            local_of(&abs, self.caps.inos, false)?
+                        }
+                    }
+                } else {
+                    if abs.symlink_metadata().is_ok() {
+                        self.retry.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.write_file(&inode, &abs)?
+                };
+                tracing::debug!(
+                    "watch: {} written as a further name{}",
+                    dir_rel.join(OsStr::from_bytes(&local)).display(),
+                    if self.caps.links { "" } else { " (a copy)" }
+                );
+                let mut e = Extra {
+                    parent: *p,
+                    name: n.clone(),
+                    local,
+                    l_ino: 0,
+                    l_size: 0,
+                    l_mtime: 0,
+                    l_hash: Vec::new(),
+                    stamp: stamp(&inode),
+                };
+                e.set_local(&l);
+                extra.push(e);
+            }
+            if extra != before {
+                rec.extra = extra;
+                st.put(s, rec);
+            }
+        }
+        Ok(())
     }
 
     fn export_dir(&self, st: &mut State, dir: u64, rel: PathBuf) -> anyhow::Result<()> {
@@ -986,6 +1850,20 @@ impl Reconciler {
                 FileKind::File | FileKind::Directory | FileKind::Symlink
             ) {
                 continue;
+            }
+            if !inode.links.is_empty() {
+                // A file with several names is written here once, under its record's name
+                // (or, new or renamed, under its first); the others are further names
+                // ([`Reconciler::export_names`]).
+                let own = match st.recs.get(&c.ino) {
+                    Some(r) if has_name(&inode, r.parent, &r.name) => {
+                        r.parent == dir && r.name == c.name
+                    }
+                    _ => inode.parent == dir && inode.name == c.name,
+                };
+                if !own {
+                    continue;
+                }
             }
             let local_name = match placed.get(&c.ino) {
                 Some(n) => n.clone(),
@@ -1126,6 +2004,8 @@ impl Reconciler {
         tracing::debug!("watch: {} written from the store", rel.display());
         let mut r = self.new_rec(parent, name, local_name, &l, inode);
         r.stamp = stamp(inode);
+        // Further names keep their records ([`Reconciler::export_names`] brings them along).
+        r.extra = rec.map(|r| r.extra).unwrap_or_default();
         st.put(inode.ino, r);
         Ok(())
     }
