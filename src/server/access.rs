@@ -146,6 +146,16 @@ pub enum Refused {
     Busy,
 }
 
+// Here rather than in `error.rs`, which the append fuzz target includes without this module.
+impl From<Refused> for super::error::ApiError {
+    fn from(r: Refused) -> Self {
+        super::error::ApiError::TooManyRequests {
+            retry_after_secs: r.retry_after_secs(),
+            message: r.to_string(),
+        }
+    }
+}
+
 impl Refused {
     /// Seconds for `Retry-After` (at least 1).
     pub fn retry_after_secs(&self) -> u64 {

@@ -75,15 +75,6 @@ impl ApiError {
     }
 }
 
-impl From<super::access::Refused> for ApiError {
-    fn from(r: super::access::Refused) -> Self {
-        ApiError::TooManyRequests {
-            retry_after_secs: r.retry_after_secs(),
-            message: r.to_string(),
-        }
-    }
-}
-
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         ApiError::Internal(e.to_string())
