@@ -556,3 +556,40 @@ fn a_file_managers_copy_move_and_trash_sync_to_another_device() {
             == 20_000
     });
 }
+
+/// A file read over and over on one device while another device grows it by a byte at a
+/// time: every version arrives whole. An open racing the apply read the old size, then
+/// opened the new content and cut it to that size ("a crash can leave content past the
+/// committed size"), so the receiving device kept the new bytes minus the last one.
+#[test]
+fn a_file_read_in_a_loop_while_it_grows_elsewhere_arrives_whole() {
+    let c = Cluster::new(2);
+    let (a, b) = (c.p(0, "probe.txt"), c.p(1, "probe.txt"));
+    fs::write(&a, b"probe start\n").unwrap();
+    c.wait("the first version", || {
+        fs::read(&b).ok().as_deref() == Some(&b"probe start\n"[..])
+    });
+    for i in 0..20 {
+        let data = format!("probe {i:06}{}\n", "+".repeat(i));
+        {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new().write(true).open(&a).unwrap();
+            f.write_all(data.as_bytes()).unwrap();
+        }
+        // Read as fast as a poller does, so that opens race the apply.
+        let start = std::time::Instant::now();
+        loop {
+            if fs::read(&b).ok().as_deref() == Some(data.as_bytes()) {
+                break;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                let got = fs::read(&b).unwrap_or_default();
+                c.fail(&format!(
+                    "version {i} did not arrive whole: {:?} (want {data:?})",
+                    String::from_utf8_lossy(&got)
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+    }
+}

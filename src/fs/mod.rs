@@ -675,10 +675,18 @@ impl FsCore {
             }
         }
         let absent = i.flags & crate::store::absent::INODE_ABSENT != 0;
-        let file = self.store.open_content(i.ino, true)?;
-        // A crash can leave content past the committed size: never let it show.
+        let mut file = self.store.open_content(i.ino, true)?;
+        // A crash can leave content past the committed size: never let it show. `i` was read
+        // without the metadata lock: a remote apply may have swapped in longer content (and
+        // committed its size) since, and cutting that to the old size would corrupt it. Look
+        // again under the lock, where no apply runs.
         if file.metadata()?.len() > i.size {
-            file.set_len(i.size)?;
+            let _g = self.lock();
+            let now = self.inode(ino)?;
+            file = self.store.open_content(now.ino, true)?;
+            if file.metadata()?.len() > now.size {
+                file.set_len(now.size)?;
+            }
         }
         let fh = self.open_handle(ino, file, absent, write);
         if !absent && self.options.on_demand.is_some() {
