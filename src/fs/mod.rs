@@ -915,6 +915,31 @@ impl FsCore {
         }
     }
 
+    /// A conflicted-copy name of `name` (this device, now) that folder `parent` does not hold.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub(crate) fn free_conflicted_copy_name(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<Vec<u8>, crate::store::StoreError> {
+        let base = crate::changelog::Name(name.to_vec());
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut attempt = 0;
+        loop {
+            let n =
+                crate::engine::conflicted_copy_name(&base, self.capture.device(), now_ms, attempt);
+            if self.store.lookup(parent, &n.0)?.is_none() {
+                return Ok(n.0);
+            }
+            attempt += 1;
+        }
+    }
+
     /// Saves what a stale handle holds as a new file beside the inode: a conflicted copy
     /// named after this device, sealed and synced like any new file.
     fn keep_stale_handle(&self, ino: u64, file: &File) -> FsResult<()> {
@@ -927,20 +952,7 @@ impl FsCore {
             Some(p) if p.kind == FileKind::Directory && p.nlink > 0 => orig.parent,
             _ => ROOT_INO,
         };
-        let base = crate::changelog::Name(orig.name.clone());
-        let now_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let mut attempt = 0;
-        let name = loop {
-            let n =
-                crate::engine::conflicted_copy_name(&base, self.capture.device(), now_ms, attempt);
-            if self.store.lookup(parent, &n.0)?.is_none() {
-                break n.0;
-            }
-            attempt += 1;
-        };
+        let name = self.free_conflicted_copy_name(parent, &orig.name)?;
         let len = file.metadata()?.len();
         let mut b = self.store.batch();
         let new_ino = self.store.allocate_ino(&mut b);

@@ -672,9 +672,10 @@ impl Reconciler {
                     local_name.clone()
                 };
                 let noop = new_parent == from_parent && to_name == from_name;
-                match if noop {
-                    Ok(())
-                } else {
+                let rename = || {
+                    if noop {
+                        return Ok(());
+                    }
                     self.core.do_rename(
                         from_parent,
                         OsStr::from_bytes(&from_name),
@@ -682,51 +683,28 @@ impl Reconciler {
                         OsStr::from_bytes(&to_name),
                         RenameFlags::RENAME_NOREPLACE,
                     )
-                } {
-                    Ok(()) => {}
-                    Err(e) => {
-                        // Two entries that swapped places here (`RENAME_EXCHANGE`, or `mv`
-                        // through a third name): the same exchange in the store.
-                        if self.exchange_in_store(st, &scan, s, &rec, &inode, &path, &at)? {
-                            continue;
-                        }
-                        // A ring of moves (a to b, b to c, c to a): the object still holding
-                        // the name steps aside to a temporary one; its own turn (now or in
-                        // the next pass) moves it on to where it went here.
-                        if self.free_name(st, &scan, s, new_parent, &to_name, &at)?
-                            && self
-                                .core
-                                .do_rename(
-                                    from_parent,
-                                    OsStr::from_bytes(&from_name),
-                                    new_parent,
-                                    OsStr::from_bytes(&to_name),
-                                    RenameFlags::RENAME_NOREPLACE,
-                                )
-                                .is_ok()
-                        {
-                            inode = self
-                                .live_inode(s)?
-                                .ok_or_else(|| anyhow!("renamed inode vanished"))?;
-                            rec.parent = new_parent;
-                            rec.name = to_name;
-                            rec.local = local_name;
-                            rec.stamp = if store_was_changed {
-                                stale_stamp()
-                            } else {
-                                stamp(&inode)
-                            };
-                            st.put(s, rec.clone());
-                            self.retry.store(true, Ordering::Relaxed);
-                            continue;
-                        }
-                        tracing::warn!(
-                            "watch: cannot rename {} in the store ({e:?}); trying again later",
-                            path.display()
-                        );
-                        self.retry.store(true, Ordering::Relaxed);
+                };
+                let mut renamed = rename();
+                if renamed.is_err() {
+                    // Two entries that swapped places here (`RENAME_EXCHANGE`, or `mv`
+                    // through a third name): the same exchange in the store.
+                    if self.exchange_in_store(st, &scan, s, &rec, &inode, &path, &at)? {
                         continue;
                     }
+                    // A ring of moves (a to b, b to c, c to a): the object still holding the
+                    // name steps aside; its own turn (now or in the next pass) moves it on to
+                    // where it went here.
+                    if self.free_name(st, &scan, s, new_parent, &to_name, &at)? {
+                        renamed = rename();
+                    }
+                }
+                if let Err(e) = renamed {
+                    tracing::warn!(
+                        "watch: cannot rename {} in the store ({e:?}); trying again later",
+                        path.display()
+                    );
+                    self.retry.store(true, Ordering::Relaxed);
+                    continue;
                 }
                 inode = self
                     .live_inode(s)?
@@ -888,25 +866,7 @@ impl Reconciler {
             (Some(r), Some(i)) => r.store_changed(&i),
             _ => true,
         };
-        let store = self.core.store();
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let base = crate::changelog::Name(name.to_vec());
-        let mut attempt = 0;
-        let aside = loop {
-            let n = crate::engine::conflicted_copy_name(
-                &base,
-                self.core.capture().device(),
-                now_ms,
-                attempt,
-            );
-            if store.lookup(parent, &n.0)?.is_none() {
-                break n.0;
-            }
-            attempt += 1;
-        };
+        let aside = self.core.free_conflicted_copy_name(parent, name)?;
         if let Err(e) = self.core.do_rename(
             parent,
             OsStr::from_bytes(name),
@@ -1467,25 +1427,9 @@ impl Reconciler {
 
     /// Saves the local file beside the store's object as a conflicted copy (a new object).
     fn import_conflicted_copy(&self, inode: &Inode, abs: &Path, l: &Local) -> anyhow::Result<bool> {
-        let store = self.core.store();
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let base = crate::changelog::Name(inode.name.clone());
-        let mut attempt = 0;
-        let name = loop {
-            let n = crate::engine::conflicted_copy_name(
-                &base,
-                self.core.capture().device(),
-                now_ms,
-                attempt,
-            );
-            if store.lookup(inode.parent, &n.0)?.is_none() {
-                break n.0;
-            }
-            attempt += 1;
-        };
+        let name = self
+            .core
+            .free_conflicted_copy_name(inode.parent, &inode.name)?;
         let i = self
             .core
             .make_node(
