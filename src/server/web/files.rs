@@ -186,9 +186,12 @@ async fn folder_page(state: &AppState, u: &WebUser, id: ObjectId, q: PageQuery) 
         (breadcrumb(&trail, (id != ObjectId::ROOT).then_some(title.as_str())))
         h1 { (title) }
         div.actions {
-            form.card method="post" action={"/web/files/" (idh) "/upload"} enctype="multipart/form-data" {
+            form.card method="post" action={"/web/files/" (idh) "/upload"} enctype="multipart/form-data" aria-labelledby="upload-title" {
+                strong #upload-title { "Upload a file into this folder" }
                 input type="hidden" name="csrf" value=(csrf);
-                label for="file" { "Upload a file into this folder" }
+                label for="saveas" { "Save as (optional, another name)" }
+                input #saveas type="text" name="name" maxlength="255";
+                label for="file" { "File" }
                 input #file type="file" name="file" required;
                 button type="submit" { "Upload" }
             }
@@ -524,7 +527,8 @@ fn folder_url(id: [u8; 16]) -> String {
     }
 }
 
-/// `POST /web/files/{id}/upload` (multipart: `csrf` first, then `file`). The request's memory
+/// `POST /web/files/{id}/upload` (multipart: `csrf` first, then an optional `name` to save the
+/// file under, then `file`). The request's memory
 /// is reserved from the appends' budget before its body is read.
 pub async fn upload(
     u: WebUser,
@@ -547,7 +551,10 @@ pub async fn upload(
         WebError(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(limit as usize)
         } else {
-            ApiError::BadRequest(format!("cannot read the upload: {}", e.body_text()))
+            ApiError::BadRequest(format!(
+                "cannot read the upload ({}): is its file name made of printable characters?",
+                e.body_text()
+            ))
         })
     };
     // The CSRF field comes first in the form: nothing of the file is read before it is checked.
@@ -564,9 +571,16 @@ pub async fn upload(
     let mut memory = state.storage.memory_budget().reservation();
     memory.grow(length, "its body").await?;
     let mut file = None;
+    let mut save_as = String::new();
     while let Some(f) = form.next_field().await.map_err(bad)? {
-        if f.name() == Some("file") {
-            let name = f.file_name().unwrap_or_default().to_string();
+        if f.name() == Some("name") {
+            save_as = f.text().await.map_err(bad)?;
+        } else if f.name() == Some("file") {
+            let name = if save_as.is_empty() {
+                f.file_name().unwrap_or_default().to_string()
+            } else {
+                save_as.clone()
+            };
             let name = checked_name(&name)?;
             let bytes = f.bytes().await.map_err(bad)?;
             file = Some((name, bytes));
