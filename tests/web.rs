@@ -5,11 +5,17 @@
 //! user's log (seen by the API and by a mounted device). The browser walk-through (Chromium
 //! through WebDriver) is `browser_walkthrough`.
 
+#[path = "web/browser.rs"]
+mod browser;
 #[path = "web/client.rs"]
 mod client;
 mod common;
 
 use client::{assert_sign_in, id_in, location, WebClient, ROOT};
+use std::path::PathBuf;
+
+use browser::Browser;
+use common::cluster::{idle, Cluster};
 use common::server::TestServer;
 use reqwest::StatusCode;
 
@@ -566,4 +572,87 @@ async fn devices_are_listed_and_revoked_and_a_password_change_signs_everything_o
         .login("ann", "new-password-1", "laptop")
         .await
         .expect("new password logs in");
+}
+
+/// The web side in a real browser (headless Chromium through WebDriver), next to a mounted
+/// device: sign-in, browse, upload (arriving on the device), download, restore (arriving on the
+/// device), the phone-width layout, revoke, sign-out. With `DELTADRIVE_WEB_SCREENSHOTS=DIR` it
+/// saves a PNG of each main page there (how `docs/img/web-*.png` were made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_walkthrough() {
+    let shots = std::env::var_os("DELTADRIVE_WEB_SCREENSHOTS").map(PathBuf::from);
+    let shots = shots.as_deref();
+    let c = Cluster::new(1);
+    let url = c.srv.url.clone();
+    std::fs::create_dir(c.p(0, "Photos")).unwrap();
+    std::fs::write(c.p(0, "notes.txt"), "written on dev0\n").unwrap();
+    c.wait("dev0 sends its files", || idle(&c.devices[0].home));
+
+    let b = Browser::start().await;
+    b.goto(&format!("{url}/web/files")).await;
+    assert!(b.url().await.ends_with("/web/login"), "{}", b.url().await);
+    b.screenshot(shots, "web-login.png").await;
+    b.type_into("#user", "ann").await;
+    b.type_into("#password", "correct horse battery staple")
+        .await;
+    b.click("main button[type=submit]").await;
+    b.wait_for_text("notes.txt").await;
+    assert!(b.source().await.contains("Photos/"));
+
+    // Upload: the file becomes a change every device receives.
+    let local = tempfile::tempdir().unwrap();
+    let up = local.path().join("from-web.txt");
+    std::fs::write(&up, "uploaded in a browser\n").unwrap();
+    b.choose_file("#file", &up).await;
+    b.click("form[enctype] button[type=submit]").await;
+    b.wait_for_text("Uploaded from-web.txt").await;
+    b.screenshot(shots, "web-files.png").await;
+    c.wait("the upload arrives on dev0", || {
+        std::fs::read(c.p(0, "from-web.txt")).ok().as_deref()
+            == Some(&b"uploaded in a browser\n"[..])
+    });
+
+    // Download through the browser.
+    b.click_link("notes.txt").await;
+    b.wait_for_text("Versions").await;
+    b.click("a.button[download]").await;
+    assert_eq!(b.downloaded("notes.txt").await, b"written on dev0\n");
+
+    // Restore: dev0 edits the file, the browser brings the first version back, dev0 gets it.
+    std::fs::write(c.p(0, "notes.txt"), "edited on dev0\n").unwrap();
+    c.wait("dev0 sends its edit", || idle(&c.devices[0].home));
+    let page = b.url().await;
+    b.goto(&page).await;
+    b.wait_for_text("3 (current)").await;
+    b.click("button[aria-label='Restore version 2']").await;
+    b.wait_for_text("Restored notes.txt to version 2").await;
+    b.screenshot(shots, "web-file.png").await;
+    c.wait("the restored version arrives on dev0", || {
+        std::fs::read(c.p(0, "notes.txt")).ok().as_deref() == Some(&b"written on dev0\n"[..])
+    });
+
+    // The folder at phone width.
+    b.set_size(390, 844).await;
+    b.goto(&format!("{url}/web/files")).await;
+    b.wait_for_text("from-web.txt").await;
+    b.screenshot(shots, "web-files-phone.png").await;
+    b.set_size(1100, 800).await;
+
+    // Devices: dev0 is online; revoking it signs it out.
+    b.goto(&format!("{url}/web/devices")).await;
+    b.wait_for_text("dev0").await;
+    b.screenshot(shots, "web-devices.png").await;
+    b.click("button[aria-label='Revoke dev0']").await;
+    b.wait_for_text("Revoked dev0").await;
+    let devices = c.srv.admin().admin_list_devices("ann").await.unwrap();
+    assert!(
+        devices.iter().all(|d| d.name != "dev0" || d.revoked),
+        "{devices:?}"
+    );
+
+    // Sign out: the pages send the browser back to the sign-in.
+    b.click("form.signout button").await;
+    b.wait_for_text("Sign in").await;
+    b.goto(&format!("{url}/web/devices")).await;
+    assert!(b.url().await.ends_with("/web/login"), "{}", b.url().await);
 }

@@ -185,23 +185,6 @@ async fn folder_page(state: &AppState, u: &WebUser, id: ObjectId, q: PageQuery) 
     let body = html! {
         (breadcrumb(&trail, (id != ObjectId::ROOT).then_some(title.as_str())))
         h1 { (title) }
-        div.actions {
-            form.card method="post" action={"/web/files/" (idh) "/upload"} enctype="multipart/form-data" aria-labelledby="upload-title" {
-                strong #upload-title { "Upload a file into this folder" }
-                input type="hidden" name="csrf" value=(csrf);
-                label for="saveas" { "Save as (optional, another name)" }
-                input #saveas type="text" name="name" maxlength="255";
-                label for="file" { "File" }
-                input #file type="file" name="file" required;
-                button type="submit" { "Upload" }
-            }
-            form.card method="post" action={"/web/files/" (idh) "/mkdir"} {
-                input type="hidden" name="csrf" value=(csrf);
-                label for="newfolder" { "New folder" }
-                input #newfolder type="text" name="name" required maxlength="255";
-                button type="submit" { "Create folder" }
-            }
-        }
         @if rows.is_empty() {
             p.muted { "This folder is empty." }
         } @else {
@@ -233,6 +216,23 @@ async fn folder_page(state: &AppState, u: &WebUser, id: ObjectId, q: PageQuery) 
             }
             @if more > 0 {
                 p.muted { (more) " more entries are not shown." }
+            }
+        }
+        div.actions {
+            form.card method="post" action={"/web/files/" (idh) "/upload"} enctype="multipart/form-data" aria-labelledby="upload-title" {
+                strong #upload-title { "Upload a file into this folder" }
+                input type="hidden" name="csrf" value=(csrf);
+                label for="saveas" { "Save as (optional, another name)" }
+                input #saveas type="text" name="name" maxlength="255";
+                label for="file" { "File" }
+                input #file type="file" name="file" required;
+                button type="submit" { "Upload" }
+            }
+            form.card method="post" action={"/web/files/" (idh) "/mkdir"} {
+                input type="hidden" name="csrf" value=(csrf);
+                label for="newfolder" { "New folder" }
+                input #newfolder type="text" name="name" required maxlength="255";
+                button type="submit" { "Create folder" }
             }
         }
         @if let Some(o) = &this {
@@ -296,7 +296,11 @@ pub async fn file_page(
             return Err(ApiError::NotFound(format!("no file or folder {id} in your tree")).into())
         }
     };
-    let current_version = current.as_ref().map(|o| o.version);
+    // The current content is the newest kept version (later ops such as attribute changes
+    // raise the object's version without a new content version).
+    let current_version = current
+        .as_ref()
+        .and_then(|_| versions.first().map(|v| v.version));
     let body = html! {
         (breadcrumb(&trail, Some(&title)))
         h1 { (title) }
