@@ -69,6 +69,7 @@ async fn every_page_and_action_refuses_without_a_session() {
         format!("/web/file/{file}/download"),
         format!("/web/file/{file}/download?version=2"),
         "/web/devices".into(),
+        "/web/shares".into(),
         "/web/password".into(),
     ];
     let posts: Vec<(String, Vec<(&str, &str)>)> = vec![
@@ -86,6 +87,11 @@ async fn every_page_and_action_refuses_without_a_session() {
             vec![("csrf", &csrf), ("version", "2")],
         ),
         ("/web/devices/laptop/revoke".into(), vec![("csrf", &csrf)]),
+        (format!("/web/object/{file}/share"), vec![("csrf", &csrf)]),
+        (
+            format!("/web/shares/{}/revoke", "ab".repeat(32)),
+            vec![("csrf", &csrf)],
+        ),
         (
             "/web/password".into(),
             vec![
@@ -253,6 +259,7 @@ async fn csrf_tokens_are_checked_on_every_post() {
                 with(vec![("version", "2".into())]),
             ),
             ("/web/devices/laptop/revoke".into(), with(vec![])),
+            (format!("/web/object/{file}/share"), with(vec![])),
             (
                 "/web/password".into(),
                 with(vec![
@@ -576,8 +583,9 @@ async fn devices_are_listed_and_revoked_and_a_password_change_signs_everything_o
 
 /// The web side in a real browser (headless Chromium through WebDriver), next to a mounted
 /// device: sign-in, browse, upload (arriving on the device), download, restore (arriving on the
-/// device), the phone-width layout, revoke, sign-out. With `DELTADRIVE_WEB_SCREENSHOTS=DIR` it
-/// saves a PNG of each main page there (how `docs/img/web-*.png` were made).
+/// device), the phone-width layout, revoke, a share link made, sign-out, the link opened
+/// without signing in. With `DELTADRIVE_WEB_SCREENSHOTS=DIR` it saves a PNG of each main page
+/// there (how `docs/img/web-*.png` were made).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_walkthrough() {
     let shots = std::env::var_os("DELTADRIVE_WEB_SCREENSHOTS").map(PathBuf::from);
@@ -650,9 +658,219 @@ async fn browser_walkthrough() {
         "{devices:?}"
     );
 
+    // A share link, opened after signing out.
+    b.goto(&format!("{url}/web/files")).await;
+    b.click_link("from-web.txt").await;
+    b.wait_for_text("Create link").await;
+    b.click("form[action$='/share'] button[type=submit]").await;
+    let page = b.wait_for_text("shown only once").await;
+    let at = page.find("/s/").unwrap();
+    let link = format!("{url}{}", &page[at..at + 67]);
+    b.screenshot(shots, "web-share-created.png").await;
+
     // Sign out: the pages send the browser back to the sign-in.
     b.click("form.signout button").await;
     b.wait_for_text("Sign in").await;
     b.goto(&format!("{url}/web/devices")).await;
     assert!(b.url().await.ends_with("/web/login"), "{}", b.url().await);
+    b.goto(&link).await;
+    b.wait_for_text("Shared with you").await;
+    b.screenshot(shots, "web-share.png").await;
+    b.click("a.button[download]").await;
+    assert_eq!(
+        b.downloaded("from-web.txt").await,
+        b"uploaded in a browser\n"
+    );
+}
+
+/// Makes a share link of `id` on ann's web session; returns its token.
+async fn share(w: &WebClient, id: &str, form: &[(&str, &str)]) -> String {
+    let csrf = w.csrf().await;
+    let mut f = vec![("csrf", csrf.as_str())];
+    f.extend_from_slice(form);
+    let r = w.post(&format!("/web/object/{id}/share"), &f).await;
+    let st = r.status();
+    let page = r.text().await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{page}");
+    let at = page.find("/s/").expect("the link is shown") + 3;
+    page[at..at + 64].to_string()
+}
+
+/// The revoke form's link hashes on a /web/shares page.
+fn share_hashes(page: &str) -> Vec<String> {
+    page.match_indices("/web/shares/")
+        .map(|(i, _)| page[i + 12..i + 76].to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn share_links_are_read_only_scoped_revocable_expiring_and_their_users_alone() {
+    let (s, api, w, file, dir) = ann_with_files().await;
+    let csrf = w.csrf().await;
+    let r = w.upload(&dir, b"inner.txt", b"inside", Some(&csrf)).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let anon = WebClient::new(&s.url);
+
+    // A file link: seen and downloaded (with Range) without signing in.
+    let t_file = share(&w, &file, &[]).await;
+    let (st, page) = anon.text(&format!("/s/{t_file}")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(page.contains("a.txt") && !page.contains("docs"), "{page}");
+    let r = anon.get(&format!("/s/{t_file}/download")).await;
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"hello web");
+    let r = anon
+        .get_range(&format!("/s/{t_file}/download"), "bytes=0-4")
+        .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"hello");
+    // A file link reaches nothing else, by any id.
+    for p in [
+        format!("/s/{t_file}/download?file={file}"),
+        format!("/s/{t_file}?dir={dir}"),
+    ] {
+        let r = anon.get(&p).await;
+        assert!(
+            r.status() == StatusCode::NOT_FOUND || !r.text().await.unwrap().contains("inner"),
+            "{p}"
+        );
+    }
+
+    // A folder link with a password: locked until the password is given.
+    let t_dir = share(&w, &dir, &[("password", "share-pass-1")]).await;
+    let (st, page) = anon.text(&format!("/s/{t_dir}")).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert!(
+        page.contains("password") && !page.contains("inner.txt"),
+        "{page}"
+    );
+    let (_, folder) = w.text(&format!("/web/files/{dir}")).await;
+    let inner = id_in(&folder, "inner.txt");
+    let r = anon.get(&format!("/s/{t_dir}/download?file={inner}")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "locked downloads too");
+    let r = anon
+        .post(
+            &format!("/s/{t_dir}/unlock"),
+            &[("password", "wrong-password")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = anon
+        .post(
+            &format!("/s/{t_dir}/unlock"),
+            &[("password", "share-pass-1")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let unlock = cookie.split(';').next().unwrap().to_string();
+    let get = |p: String| {
+        anon.http
+            .get(format!("{}{p}", s.url))
+            .header("cookie", unlock.clone())
+            .send()
+    };
+    let page = get(format!("/s/{t_dir}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("inner.txt"), "{page}");
+    let r = get(format!("/s/{t_dir}/download?file={inner}"))
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"inside");
+    // Nothing outside the shared folder, even unlocked: not its parent, not a file beside it.
+    for p in [
+        format!("/s/{t_dir}/download?file={file}"),
+        format!("/s/{t_dir}?dir={ROOT}"),
+        format!("/s/{t_dir}?dir={file}"),
+    ] {
+        assert_eq!(
+            get(p.clone()).await.unwrap().status(),
+            StatusCode::NOT_FOUND,
+            "{p}"
+        );
+    }
+    // The unlock cookie of one link does not open another.
+    let t_dir2 = share(&w, &dir, &[("password", "share-pass-1")]).await;
+    assert_eq!(
+        get(format!("/s/{t_dir2}")).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Links are their user's alone: bob neither sees nor revokes ann's.
+    let (_, mine) = w.text("/web/shares").await;
+    let hashes = share_hashes(&mine);
+    assert_eq!(hashes.len(), 3, "{mine}");
+    s.device("bob", "phone").await;
+    let bob = WebClient::signed_in(&s.url, "bob", PW).await;
+    let bob_csrf = bob.csrf().await;
+    let (_, theirs) = bob.text("/web/shares").await;
+    assert!(share_hashes(&theirs).is_empty(), "{theirs}");
+    for h in &hashes {
+        let r = bob
+            .post(&format!("/web/shares/{h}/revoke"), &[("csrf", &bob_csrf)])
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+    let r = bob
+        .post(&format!("/web/object/{file}/share"), &[("csrf", &bob_csrf)])
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "bob cannot share ann's file"
+    );
+    assert_eq!(
+        anon.get(&format!("/s/{t_file}")).await.status(),
+        StatusCode::OK
+    );
+
+    // A revoked link is refused at once.
+    let first = hashes[0].clone();
+    let r = w
+        .post(&format!("/web/shares/{first}/revoke"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (st, page) = anon.text(&format!("/s/{t_file}")).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(page.contains("does not exist or was revoked"), "{page}");
+    assert_eq!(
+        anon.get(&format!("/s/{t_file}/download")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // An expired link is refused.
+    let t_short = share(
+        &w,
+        &file,
+        &[("expires_in", "1"), ("expires_unit", "seconds")],
+    )
+    .await;
+    assert_eq!(
+        anon.get(&format!("/s/{t_short}")).await.status(),
+        StatusCode::OK
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (st, page) = anon.text(&format!("/s/{t_short}")).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(page.contains("expired"), "{page}");
+    assert_eq!(
+        anon.get(&format!("/s/{t_short}/download")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    // A made-up token.
+    assert_eq!(
+        anon.get(&format!("/s/{}", "ab".repeat(32))).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    // Links change nothing in the tree.
+    let names = state_of(&api).await.to_string();
+    assert!(names.contains("inner.txt") && names.contains("a.txt"));
 }

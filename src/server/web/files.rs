@@ -266,6 +266,9 @@ fn object_actions(csrf: &str, o: &ObjectState, what: &str) -> maud::Markup {
                 button.danger type="submit" { "Delete " (what) }
             }
         }
+        section.card aria-label="Share" {
+            (super::share::share_form(csrf, &oid))
+        }
     }
 }
 

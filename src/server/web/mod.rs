@@ -1,10 +1,12 @@
 //! The web side of `deltadrive server` (`/web/...`, documented in `docs/web.md`): server-rendered
 //! pages (maud, compiled into the binary with their CSS and script) where a user signs in with
 //! their password, browses their tree, downloads, uploads, makes folders, renames and deletes,
-//! sees a file's versions and restores one, lists and revokes devices and changes the password.
+//! sees a file's versions and restores one, lists and revokes devices, changes the password,
+//! and makes read-only share links that anyone opens at `/s/TOKEN` (`share`).
 //!
 //! What always holds:
-//! - every page and action but the sign-in form and the static assets needs a live session
+//! - every page and action but the sign-in form, the static assets and a share link's own
+//!   pages (`/s/...`, which reach only what the link shares) needs a live session
 //!   ([`WebUser`]); the user always comes from the session, never from the URL, and objects
 //!   are looked up in that user's tree only;
 //! - every POST but the sign-in carries the session's CSRF token, checked before anything else;
@@ -17,6 +19,7 @@ mod files;
 mod pages;
 pub mod seen;
 pub mod session;
+mod share;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -62,6 +65,12 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/web/file/{id}/restore", small(post(files::restore)))
         .route("/web/object/{id}/rename", small(post(files::rename)))
         .route("/web/object/{id}/delete", small(post(files::delete)))
+        .route("/web/object/{id}/share", small(post(share::create)))
+        .route("/web/shares", get(share::list))
+        .route("/web/shares/{hash}/revoke", small(post(share::revoke)))
+        .route("/s/{token}", get(share::visit))
+        .route("/s/{token}/download", get(share::download))
+        .route("/s/{token}/unlock", small(post(share::unlock)))
         .route("/web/devices", get(account::devices))
         .route(
             "/web/devices/{device}/revoke",

@@ -10,6 +10,7 @@ use maud::{html, Markup, DOCTYPE};
 pub enum Nav {
     Files,
     Devices,
+    Shares,
     Password,
 }
 
@@ -39,6 +40,7 @@ pub fn layout(
                             ul {
                                 li { a href="/web/files" aria-current=[(nav == Nav::Files).then_some("page")] { "Files" } }
                                 li { a href="/web/devices" aria-current=[(nav == Nav::Devices).then_some("page")] { "Devices" } }
+                                li { a href="/web/shares" aria-current=[(nav == Nav::Shares).then_some("page")] { "Links" } }
                                 li { a href="/web/password" aria-current=[(nav == Nav::Password).then_some("page")] { "Password" } }
                             }
                         }

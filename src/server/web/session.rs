@@ -39,9 +39,19 @@ pub struct Session {
 }
 
 /// The sessions of this process, by token hash.
-#[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Session>>,
+    /// The key of values this process binds to something ([`Sessions::bind`]).
+    secret: [u8; 32],
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            map: Mutex::default(),
+            secret: rand::random(),
+        }
+    }
 }
 
 impl Sessions {
@@ -86,6 +96,14 @@ impl Sessions {
         }
         s.last = now;
         Some((key, s.clone()))
+    }
+
+    /// A value only this process can make for `what` (keyed BLAKE3, hex): a share link's unlock
+    /// cookie, bound to the link and its password.
+    pub fn bind(&self, what: &str) -> String {
+        blake3::keyed_hash(&self.secret, what.as_bytes())
+            .to_hex()
+            .to_string()
     }
 
     /// Ends the session with token hash `key`.
