@@ -25,7 +25,13 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver on a free port and a headless Chromium with a fresh profile.
     pub async fn start() -> Browser {
+        // Everything that may panic comes before the driver starts or after `Browser` owns it
+        // (its drop kills it).
+        deltadrive::server::install_crypto_provider();
+        let http = reqwest::Client::new();
         let dir = tempfile::tempdir().expect("temp dir");
+        let downloads = dir.path().join("downloads");
+        std::fs::create_dir_all(&downloads).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -40,10 +46,6 @@ impl Browser {
             .process_group(0)
             .spawn()
             .expect("start /usr/bin/chromedriver (apt install chromium chromium-driver)");
-        let downloads = dir.path().join("downloads");
-        std::fs::create_dir_all(&downloads).unwrap();
-        deltadrive::server::install_crypto_provider();
-        let http = reqwest::Client::new();
         let mut b = Browser {
             http,
             driver,
