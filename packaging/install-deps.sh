@@ -34,6 +34,9 @@ fi
 apt-get install -y -qq --no-install-recommends \
   systemd dpkg-dev binutils man-db shellcheck util-linux mount xz-utils \
   debootstrap systemd-container zstd >/dev/null
+# The web side's browser tests (tests/web.rs): Debian's Chromium, driven headless through
+# chromedriver; nothing is downloaded at test time.
+apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 if ! command -v cargo-deb >/dev/null 2>&1; then
   cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi

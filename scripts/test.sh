@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's whole test run: formatting, lints, unit and integration tests (real FUSE
 # mounts, real RocksDB), the API suite, backend conformance suite and replica test again on the
-# scale-out backend (real PostgreSQL + S3 server, tests/scaleout-env.sh), and the POSIX suite
+# scale-out backend (real PostgreSQL + S3 server, tests/scaleout-env.sh), the web side (also in
+# headless Chromium), and the POSIX suite
 # against a mount. Needs root and the packages from packaging/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +13,12 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked -- --test-threads 2
-echo "== scale-out backend (PostgreSQL + S3): conformance, API suite, limits, replicas"
+echo "== scale-out backend (PostgreSQL + S3): conformance, API suite, limits, replicas, web"
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
   cargo test --locked --lib server::backend::postgres_s3 -- --test-threads 2
 bash tests/scaleout-env.sh env DELTADRIVE_TEST_BACKEND=postgres_s3 \
-  cargo test --locked --test api --test limits --test replicas --test security -- --test-threads 2
+  cargo test --locked --test api --test limits --test replicas --test security --test web \
+  -- --test-threads 2
 echo "== fuzz, short run (decoder, then the append path; stable toolchain, scripts/fuzz.sh)"
 fuzz_dir="$CARGO_TARGET_DIR/fuzz"
 for t in decode_changelog append; do

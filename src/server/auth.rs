@@ -136,11 +136,14 @@ impl FromRequestParts<AppState> for DeviceAuth {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         let hash = hash_token(token);
         match state.backend.lookup_token(hash.clone()).await? {
-            Some(t) => Ok(DeviceAuth {
-                user: t.user,
-                device: t.device,
-                device_id: t.device_id,
-            }),
+            Some(t) => {
+                state.seen.touch(&t.user, &t.device, super::api::now_ms());
+                Ok(DeviceAuth {
+                    user: t.user,
+                    device: t.device,
+                    device_id: t.device_id,
+                })
+            }
             None => {
                 if state.backend.admin_token_hash().await?.as_deref() == Some(hash.as_str()) {
                     Err(ApiError::Forbidden(

@@ -2,7 +2,7 @@
 //!
 //! Owns the process: opens the backend (embedded RocksDB under `--data DIR`, or PostgreSQL + S3
 //! with `--metadata`/`--objects`), writes the admin token file (0600) at first start, serves the
-//! API (`api`), and shuts down gracefully on SIGTERM/SIGINT. What always holds: the API layer
+//! API (`api`) and the web side (`web`) on the same port, and shuts down gracefully on SIGTERM/SIGINT. What always holds: the API layer
 //! reaches storage only through [`backend::Backend`] and the [`storage::Storage`] service, so a
 //! second backend needs no change above the trait.
 
@@ -15,6 +15,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod storage;
+pub mod web;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -68,6 +69,10 @@ pub struct AppState {
     pub logins: Arc<access::LoginLimiter>,
     /// The threads that hash and check passwords.
     pub passwords: Arc<access::PasswordPool>,
+    /// The web side's sessions (in memory, see `web::session`).
+    pub web: Arc<web::session::Sessions>,
+    /// When each device was last seen by this process (the web's device page).
+    pub seen: Arc<web::seen::Seen>,
 }
 
 /// Installs the ring crypto provider for rustls (once per process; later calls do nothing).
@@ -153,6 +158,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             access::PasswordPool::new(config.access.password_threads, config.access.password_queue)
                 .context("cannot start the password threads")?,
         ),
+        web: Arc::default(),
+        seen: Arc::default(),
     };
     let app = api::router(state);
 

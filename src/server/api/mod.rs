@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/snapshot", get(storage::snapshot))
         .route("/v1/objects/{id}/content", get(storage::content))
         .route("/v1/objects/{id}/history", get(storage::history))
+        .merge(super::web::router(&state))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(

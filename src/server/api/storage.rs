@@ -326,19 +326,35 @@ pub async fn content(
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let id = parse_id(&id)?;
-    let current = state.backend.get_object(auth.user.clone(), id.0).await?;
+    serve_content(&state, auth.user, id, q.version, &headers).await
+}
+
+/// The content of `user`'s object `id` (its current version, or a kept `version`), the part
+/// named by the request's `Range` header if any, streamed when it spans several chunks. Used by
+/// the API and by the web side's downloads.
+///
+/// # Errors
+/// 404 for an unknown object or a version not kept, 400 for a folder, 416 for a bad range.
+pub async fn serve_content(
+    state: &AppState,
+    user: String,
+    id: ObjectId,
+    version: Option<u64>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let current = state.backend.get_object(user.clone(), id.0).await?;
     let (size, hash, chunks): (u64, [u8; 32], Vec<ChunkId>) = match &current {
-        Some(o) if q.version.is_none_or(|v| v == o.version) => {
+        Some(o) if version.is_none_or(|v| v == o.version) => {
             if o.kind != StoredKind::File {
                 return Err(ApiError::BadRequest(format!("object {id} is not a file")));
             }
             (o.size, o.hash, o.chunks.clone())
         }
         _ => {
-            let Some(v) = q.version else {
+            let Some(v) = version else {
                 return Err(ApiError::NotFound(format!("no object {id}")));
             };
-            let h = state.backend.history(auth.user.clone(), id.0).await?;
+            let h = state.backend.history(user.clone(), id.0).await?;
             let e = h.into_iter().find(|e| e.version == v).ok_or_else(|| {
                 ApiError::NotFound(format!("version {v} of object {id} is not kept"))
             })?;

@@ -4,7 +4,7 @@
 
 use super::{
     AppendRecord, Backend, BackendError, CommitBatch, DeviceRecord, HeadEvent, HistoryEntry,
-    ObjectState, StoredKind, UserRecord,
+    ObjectState, ShareRecord, StoredKind, UserRecord,
 };
 
 fn object(id: u8, parent: u8, name: &str) -> ObjectState {
@@ -308,8 +308,49 @@ pub async fn run(b: &dyn Backend) {
         .unwrap();
     assert_eq!(b.get_chunk(id).await.unwrap(), b"chunk");
 
+    // Share links: stored for existing users only, listed per user in creation order, removed
+    // only by their user.
+    let share = |hash: &str, user: &str, created_ms: i64| ShareRecord {
+        hash: s(hash),
+        user: s(user),
+        object: [3; 16],
+        created_ms,
+        expires_ms: Some(1_000),
+        password_hash: Some(s("$argon2id$x")),
+    };
+    b.put_share(share("s2", "alice", 20)).await.unwrap();
+    b.put_share(share("s1", "alice", 10)).await.unwrap();
+    b.put_share(share("s3", "bob", 5)).await.unwrap();
+    assert!(matches!(
+        b.put_share(share("s4", "nobody", 1)).await,
+        Err(BackendError::NotFound)
+    ));
+    assert!(b.get_share(s("s4")).await.unwrap().is_none());
+    assert_eq!(
+        b.get_share(s("s2")).await.unwrap(),
+        Some(share("s2", "alice", 20))
+    );
+    let hashes = |v: Vec<ShareRecord>| v.into_iter().map(|l| l.hash).collect::<Vec<_>>();
+    assert_eq!(
+        hashes(b.list_shares(s("alice")).await.unwrap()),
+        vec!["s1", "s2"]
+    );
+    assert!(matches!(
+        b.delete_share(s("bob"), s("s1")).await,
+        Err(BackendError::NotFound)
+    ));
+    b.delete_share(s("alice"), s("s1")).await.unwrap();
+    assert!(b.get_share(s("s1")).await.unwrap().is_none());
+    assert!(matches!(
+        b.delete_share(s("alice"), s("s1")).await,
+        Err(BackendError::NotFound)
+    ));
+
     // Removing a user removes everything of theirs, and only theirs.
     b.delete_user(s("alice")).await.unwrap();
+    assert!(b.get_share(s("s2")).await.unwrap().is_none());
+    assert!(b.list_shares(s("alice")).await.unwrap().is_empty());
+    assert_eq!(hashes(b.list_shares(s("bob")).await.unwrap()), vec!["s3"]);
     assert!(matches!(
         b.delete_user(s("alice")).await,
         Err(BackendError::NotFound)

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::{
     AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries,
-    HeadEvent, HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
+    HeadEvent, HistoryEntry, ObjectState, ShareRecord, TokenRecord, UserLock, UserRecord,
 };
 
 /// Everything one user owns.
@@ -41,6 +41,7 @@ struct State {
     admin_token_hash: Option<String>,
     users: BTreeMap<String, UserData>,
     tokens: HashMap<String, TokenRecord>,
+    shares: HashMap<String, ShareRecord>,
     chunks: HashMap<ChunkId, Bytes>,
 }
 
@@ -175,6 +176,7 @@ impl Backend for Memory {
                     }
                 }
             }
+            s.shares.retain(|_, l| l.user != name);
             Ok(())
         })
     }
@@ -249,6 +251,43 @@ impl Backend for Memory {
 
     fn lookup_token(&self, hash: String) -> BoxFut<'_, Option<TokenRecord>> {
         self.now(move |s| Ok(s.tokens.get(&hash).cloned()))
+    }
+
+    fn put_share(&self, share: ShareRecord) -> BoxFut<'_, ()> {
+        self.now(move |s| {
+            if s.users.get(&share.user).is_none_or(|u| u.record.is_none()) {
+                return Err(BackendError::NotFound);
+            }
+            s.shares.insert(share.hash.clone(), share);
+            Ok(())
+        })
+    }
+
+    fn get_share(&self, hash: String) -> BoxFut<'_, Option<ShareRecord>> {
+        self.now(move |s| Ok(s.shares.get(&hash).cloned()))
+    }
+
+    fn list_shares(&self, user: String) -> BoxFut<'_, Vec<ShareRecord>> {
+        self.now(move |s| {
+            let mut v: Vec<ShareRecord> = s
+                .shares
+                .values()
+                .filter(|l| l.user == user)
+                .cloned()
+                .collect();
+            v.sort_by(|a, b| (a.created_ms, &a.hash).cmp(&(b.created_ms, &b.hash)));
+            Ok(v)
+        })
+    }
+
+    fn delete_share(&self, user: String, hash: String) -> BoxFut<'_, ()> {
+        self.now(move |s| match s.shares.get(&hash) {
+            Some(l) if l.user == user => {
+                s.shares.remove(&hash);
+                Ok(())
+            }
+            _ => Err(BackendError::NotFound),
+        })
     }
 
     fn lock_user(&self, user: String) -> BoxFut<'_, UserLock> {

@@ -84,6 +84,21 @@ pub struct TokenRecord {
     pub device_id: String,
 }
 
+/// A read-only link to a file or folder of a user (the web side's share links).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareRecord {
+    /// BLAKE3 (hex) of the link's token; the token itself is shown once, never kept.
+    pub hash: String,
+    pub user: String,
+    /// The shared file or folder.
+    pub object: [u8; 16],
+    pub created_ms: i64,
+    /// When the link stops working, if ever (ms since the epoch).
+    pub expires_ms: Option<i64>,
+    /// argon2 PHC string of the link's password, if it has one.
+    pub password_hash: Option<String>,
+}
+
 /// The kind of a stored object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredKind {
@@ -278,6 +293,16 @@ pub trait Backend: Send + Sync + 'static {
     fn list_devices(&self, user: String) -> BoxFut<'_, Vec<DeviceRecord>>;
     /// Who holds this token hash (never cached).
     fn lookup_token(&self, hash: String) -> BoxFut<'_, Option<TokenRecord>>;
+
+    /// Stores a share link; `NotFound` (and nothing written) if its user does not exist.
+    /// Removing the user removes the user's links.
+    fn put_share(&self, share: ShareRecord) -> BoxFut<'_, ()>;
+    /// The share link of this token hash (never cached).
+    fn get_share(&self, hash: String) -> BoxFut<'_, Option<ShareRecord>>;
+    /// The user's share links, oldest first.
+    fn list_shares(&self, user: String) -> BoxFut<'_, Vec<ShareRecord>>;
+    /// Removes one of the user's share links; `NotFound` if the user has none of that hash.
+    fn delete_share(&self, user: String, hash: String) -> BoxFut<'_, ()>;
 
     /// Takes the user's commit lock (waits while another commit holds it). The lock excludes
     /// every holder sharing this backend's storage, in this process or in another replica.

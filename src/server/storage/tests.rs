@@ -14,7 +14,7 @@ use crate::delta::hash_tree::{LeafHashes, LEAF_LEN};
 use crate::server::backend::embedded::Embedded;
 use crate::server::backend::{
     AppendRecord, Backend, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries, HeadEvent,
-    HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
+    HistoryEntry, ObjectState, ShareRecord, TokenRecord, UserLock, UserRecord,
 };
 use crate::server::content::{read_range, stream_range};
 use crate::server::error::ApiError;
@@ -78,6 +78,18 @@ impl Backend for Counting {
     }
     fn lookup_token(&self, hash: String) -> BoxFut<'_, Option<TokenRecord>> {
         self.inner.lookup_token(hash)
+    }
+    fn put_share(&self, share: ShareRecord) -> BoxFut<'_, ()> {
+        self.inner.put_share(share)
+    }
+    fn get_share(&self, hash: String) -> BoxFut<'_, Option<ShareRecord>> {
+        self.inner.get_share(hash)
+    }
+    fn list_shares(&self, user: String) -> BoxFut<'_, Vec<ShareRecord>> {
+        self.inner.list_shares(user)
+    }
+    fn delete_share(&self, user: String, hash: String) -> BoxFut<'_, ()> {
+        self.inner.delete_share(user, hash)
     }
     fn lock_user(&self, user: String) -> BoxFut<'_, UserLock> {
         self.inner.lock_user(user)

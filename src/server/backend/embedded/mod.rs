@@ -19,7 +19,7 @@ use rocksdb::{
 
 use super::{
     AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries,
-    HeadEvent, HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
+    HeadEvent, HistoryEntry, ObjectState, ShareRecord, TokenRecord, UserLock, UserRecord,
 };
 
 const CF_META: &str = "meta";
@@ -31,7 +31,9 @@ const CF_OBJECTS: &str = "objects";
 const CF_CHILDREN: &str = "children";
 const CF_HISTORY: &str = "history";
 const CF_IDEM: &str = "idempotency";
-const ALL_CFS: [&str; 9] = [
+/// Share links by token hash.
+const CF_SHARES: &str = "shares";
+const ALL_CFS: [&str; 10] = [
     CF_META,
     CF_USERS,
     CF_DEVICES,
@@ -41,6 +43,7 @@ const ALL_CFS: [&str; 9] = [
     CF_CHILDREN,
     CF_HISTORY,
     CF_IDEM,
+    CF_SHARES,
 ];
 /// Column families whose keys start with `user\0`.
 const USER_CFS: [&str; 7] = [
@@ -210,6 +213,18 @@ impl Inner {
             let t: TokenRecord = from_json(&v)?;
             if t.user == user {
                 out.push((String::from_utf8_lossy(&k).into_owned(), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The share links of `user`. Links are few, so a scan (as tokens).
+    fn shares_of(&self, user: &str) -> Result<Vec<ShareRecord>, BackendError> {
+        let mut out = Vec::new();
+        for (_, v) in self.scan_prefix(CF_SHARES, b"")? {
+            let l: ShareRecord = from_json(&v)?;
+            if l.user == user {
+                out.push(l);
             }
         }
         Ok(out)
@@ -391,6 +406,9 @@ impl Backend for Embedded {
             for cf in USER_CFS {
                 wb.delete_range_cf(i.cf(cf)?, prefix(&name), prefix_end(&name));
             }
+            for l in i.shares_of(&name)? {
+                wb.delete_cf(i.cf(CF_SHARES)?, l.hash.as_bytes());
+            }
             wb.delete_cf(i.cf(CF_USERS)?, name.as_bytes());
             i.sync_write(wb)
         })
@@ -480,6 +498,50 @@ impl Backend for Embedded {
             i.get(CF_TOKENS, hash.as_bytes())?
                 .map(|b| from_json(&b))
                 .transpose()
+        })
+    }
+
+    fn put_share(&self, share: ShareRecord) -> BoxFut<'_, ()> {
+        self.blocking(move |i| {
+            let _g = i.accounts.lock();
+            if i.get(CF_USERS, share.user.as_bytes())?.is_none() {
+                return Err(BackendError::NotFound);
+            }
+            let mut wb = WriteBatch::default();
+            wb.put_cf(i.cf(CF_SHARES)?, share.hash.as_bytes(), to_json(&share)?);
+            i.sync_write(wb)
+        })
+    }
+
+    fn get_share(&self, hash: String) -> BoxFut<'_, Option<ShareRecord>> {
+        self.blocking(move |i| {
+            i.get(CF_SHARES, hash.as_bytes())?
+                .map(|b| from_json(&b))
+                .transpose()
+        })
+    }
+
+    fn list_shares(&self, user: String) -> BoxFut<'_, Vec<ShareRecord>> {
+        self.blocking(move |i| {
+            let mut v = i.shares_of(&user)?;
+            v.sort_by(|a, b| (a.created_ms, &a.hash).cmp(&(b.created_ms, &b.hash)));
+            Ok(v)
+        })
+    }
+
+    fn delete_share(&self, user: String, hash: String) -> BoxFut<'_, ()> {
+        self.blocking(move |i| {
+            let _g = i.accounts.lock();
+            let found: Option<ShareRecord> = i
+                .get(CF_SHARES, hash.as_bytes())?
+                .map(|b| from_json(&b))
+                .transpose()?;
+            if found.is_none_or(|l| l.user != user) {
+                return Err(BackendError::NotFound);
+            }
+            let mut wb = WriteBatch::default();
+            wb.delete_cf(i.cf(CF_SHARES)?, hash.as_bytes());
+            i.sync_write(wb)
         })
     }
 

@@ -29,7 +29,7 @@ use tokio::sync::broadcast;
 
 use super::{
     AppendRecord, Backend, BackendError, BoxFut, ChunkId, CommitBatch, DeviceRecord, DirEntries,
-    HeadEvent, HistoryEntry, ObjectState, TokenRecord, UserLock, UserRecord,
+    HeadEvent, HistoryEntry, ObjectState, ShareRecord, TokenRecord, UserLock, UserRecord,
 };
 
 /// How to reach the database and the bucket.
@@ -95,9 +95,10 @@ fn tls_connector(
 }
 
 /// Versioned schema migrations: (version, SQL). Append only; never edit an applied one.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
      CREATE TABLE users (name text PRIMARY KEY, record text NOT NULL);
      CREATE TABLE devices (user_name text NOT NULL, name text NOT NULL, record text NOT NULL,
          PRIMARY KEY (user_name, name));
@@ -114,7 +115,14 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          record text NOT NULL, PRIMARY KEY (user_name, id, version));
      CREATE TABLE idempotency (user_name text NOT NULL, key text NOT NULL, record text NOT NULL,
          PRIMARY KEY (user_name, key));",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE shares (hash text PRIMARY KEY, user_name text NOT NULL,
+             created_ms bigint NOT NULL, record text NOT NULL);
+         CREATE INDEX shares_user ON shares (user_name);",
+    ),
+];
 
 /// First key of the two-key advisory lock taken while migrating (the second is the schema's).
 const MIGRATION_LOCK: i32 = 0x6464_6d67;
@@ -834,6 +842,7 @@ impl Inner {
             "children",
             "history",
             "idempotency",
+            "shares",
         ] {
             exec_c(
                 &tx,
@@ -1097,6 +1106,84 @@ impl Backend for PostgresS3 {
                 .map_err(pg)?
                 .map(|r| from_json(r.get(0)))
                 .transpose()
+        })
+    }
+
+    fn put_share(&self, share: ShareRecord) -> BoxFut<'_, ()> {
+        self.run(move |i| async move {
+            let mut c = i.conn().await?;
+            let tx = c.transaction().await.map_err(pg)?;
+            // As put_device: the user row is held until the commit, so a removal of the user
+            // cannot leave a link behind.
+            if query_opt_c(
+                &tx,
+                "SELECT 1 FROM users WHERE name = $1 FOR SHARE",
+                &[&share.user],
+            )
+            .await
+            .map_err(pg)?
+            .is_none()
+            {
+                return Err(BackendError::NotFound);
+            }
+            exec_c(
+                &tx,
+                "INSERT INTO shares (hash, user_name, created_ms, record) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (hash) DO UPDATE SET user_name = $2, created_ms = $3, record = $4",
+                &[
+                    &share.hash,
+                    &share.user,
+                    &share.created_ms,
+                    &to_json(&share)?,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn get_share(&self, hash: String) -> BoxFut<'_, Option<ShareRecord>> {
+        self.run(move |i| async move {
+            let c = i.conn().await?;
+            query_opt_c(&c, "SELECT record FROM shares WHERE hash = $1", &[&hash])
+                .await
+                .map_err(pg)?
+                .map(|r| from_json(r.get(0)))
+                .transpose()
+        })
+    }
+
+    fn list_shares(&self, user: String) -> BoxFut<'_, Vec<ShareRecord>> {
+        self.run(move |i| async move {
+            let c = i.conn().await?;
+            query_c(
+                &c,
+                "SELECT record FROM shares WHERE user_name = $1 ORDER BY created_ms, hash",
+                &[&user],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| from_json(r.get(0)))
+            .collect()
+        })
+    }
+
+    fn delete_share(&self, user: String, hash: String) -> BoxFut<'_, ()> {
+        self.run(move |i| async move {
+            let c = i.conn().await?;
+            let n = exec_c(
+                &c,
+                "DELETE FROM shares WHERE hash = $1 AND user_name = $2",
+                &[&hash, &user],
+            )
+            .await
+            .map_err(pg)?;
+            if n == 0 {
+                return Err(BackendError::NotFound);
+            }
+            Ok(())
         })
     }
 
