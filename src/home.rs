@@ -24,7 +24,7 @@ pub enum HomeLockError {
     /// A live daemon owns the home (`holder` says which, for the message).
     #[error(
         "the home folder {home} is in use by {holder}; a home serves one folder at a time: \
-         stop that one first (deltadrive unmount), or use another --home"
+         stop that one first (deltadrive unmount, or SIGTERM to a watch), or use another --home"
     )]
     InUse { home: PathBuf, holder: String },
     /// The previous daemon was still finishing when the wait ran out.

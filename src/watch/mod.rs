@@ -42,8 +42,9 @@ enum Msg {
     Local,
     /// The sync driver applied remote changes to the store.
     Remote,
-    /// A stop signal; the handlers come along, so the shutdown's watchdog hears a second one.
-    Stop(&'static str, Box<crate::fs::mount::StopSignals>),
+    /// A stop signal, with the shutdown's watchdog, armed when the signal came (it keeps the
+    /// handlers, so it hears a second one even while a pass still runs).
+    Stop(&'static str, Option<Box<crate::fs::mount::Watchdog>>),
 }
 
 /// Checks `dir` and `home` before anything is started; returns `dir` made absolute.
@@ -309,12 +310,21 @@ pub fn run(
     let (_done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let tx = tx.clone();
+        let pending = crate::fs::mount::pending_of(&core);
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let mut signals = signals;
                 if let Some(sig) = signals.wait_or(done_rx) {
-                    let _ = tx.send(Msg::Stop(sig, Box::new(signals)));
+                    let watchdog = crate::fs::mount::Watchdog::start(
+                        signals,
+                        crate::fs::mount::SHUTDOWN_DEADLINE,
+                        pending,
+                    )
+                    .inspect_err(|e| tracing::warn!("no shutdown deadline: {e}"))
+                    .ok()
+                    .map(Box::new);
+                    let _ = tx.send(Msg::Stop(sig, watchdog));
                 }
             })?;
     }
@@ -335,14 +345,14 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match first {
-            Msg::Stop(sig, handlers) => stop = Some((sig, handlers)),
+            Msg::Stop(sig, watchdog) => stop = Some((sig, watchdog)),
             Msg::Remote => rec.reconcile(),
             Msg::Local => {
                 // Debounce: wait until the folder is quiet for the quiet period.
                 loop {
                     match rx.recv_timeout(quiet) {
-                        Ok(Msg::Stop(sig, handlers)) => {
-                            stop = Some((sig, handlers));
+                        Ok(Msg::Stop(sig, watchdog)) => {
+                            stop = Some((sig, watchdog));
                             break;
                         }
                         Ok(_) => continue,
@@ -353,21 +363,13 @@ pub fn run(
             }
         }
     }
-    let (why, handlers) = match stop {
-        Some((sig, handlers)) => (sig, Some(*handlers)),
+    let (why, watchdog) = match stop {
+        Some((sig, watchdog)) => (sig, watchdog.map(|w| *w)),
         None => ("end of input", None),
     };
     tracing::info!("received {why}: stopping the watch of {}", dir.display());
     crate::fs::mount::mark_stopping(home);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let watchdog = match handlers {
-        Some(h) => Some(crate::fs::mount::Watchdog::start(
-            h,
-            crate::fs::mount::SHUTDOWN_DEADLINE,
-            crate::fs::mount::pending_of(&core),
-        )?),
-        None => None,
-    };
     let stage = |what| {
         if let Some(w) = &watchdog {
             w.stage(what);
