@@ -3,6 +3,9 @@
 //! `mount` without `--foreground` starts itself again in the background (a new session,
 //! output to `H/mount.log`) and returns only when that daemon reports the mount ready, or
 //! with the daemon's own error line if it failed.
+//!
+//! `unmount` returns once the daemon has exited (so the home is free for a new mount), or
+//! with an error if it is still running after `--timeout`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -24,6 +27,11 @@ use crate::home::Home;
 const READY_FD_ENV: &str = "DELTADRIVE_READY_FD";
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "A home serves one folder at a time: mounting a home that a running \
+    mount or watch uses elsewhere is refused at once. Right after an unmount, a mount of the \
+    same home waits (up to 30 s) for the previous daemon to finish."
+)]
 pub struct MountArgs {
     /// An existing folder to mount the synced folder on
     pub mountpoint: PathBuf,
@@ -93,7 +101,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub struct UnmountArgs {
     /// The mounted folder
     pub mountpoint: PathBuf,
-    /// Seconds to wait for the daemon to finish after unmounting
+    /// Seconds to wait for the daemon to finish after unmounting (it seals what is left,
+    /// stops and lets go of its home; it gives up by itself after 20 s)
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
 }
@@ -294,10 +303,18 @@ pub fn unmount(args: UnmountArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // The kernel let go of the folder; the daemon still seals, stops its threads and closes
+    // its store. Returning only once it has exited means the home is free again.
     if let Some(pid) = daemon {
         let deadline = Instant::now() + Duration::from_secs(args.timeout);
-        // SAFETY: signal 0 only probes for the process.
-        while unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 && Instant::now() < deadline {
+        while crate::fs::mount::running(pid) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} is unmounted, but its daemon (pid {pid}) is still finishing after {} s",
+                    mp.display(),
+                    args.timeout
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -318,9 +335,20 @@ fn find_daemon(mountpoint: &Path) -> Option<u32> {
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let is_mount =
             args.iter().any(|a| *a == b"mount") && args.iter().any(|a| *a == b"--foreground");
-        let names_mp = args
-            .iter()
-            .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == mountpoint);
+        if !is_mount {
+            continue;
+        }
+        // A daemon started by hand may name its folder relative to its own working folder.
+        let cwd = std::fs::read_link(e.path().join("cwd")).ok();
+        let names_mp = args.iter().skip(1).any(|a| {
+            let p = Path::new(std::ffi::OsStr::from_bytes(a));
+            p == mountpoint
+                || cwd
+                    .as_ref()
+                    .filter(|_| p.is_relative())
+                    .and_then(|c| c.join(p).canonicalize().ok())
+                    .is_some_and(|c| c == mountpoint)
+        });
         if is_mount && names_mp {
             return Some(pid);
         }

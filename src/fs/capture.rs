@@ -220,6 +220,11 @@ impl Capture {
         !self.pending.lock().is_empty()
     }
 
+    /// How many objects are pending (changed since their last seal).
+    pub fn pending_count(&self) -> usize {
+        self.pending.lock().len()
+    }
+
     /// Whether sealing everything is due: quiet long enough, or busy for too long.
     pub fn due(&self) -> bool {
         let a = self.activity.lock();

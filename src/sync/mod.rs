@@ -158,6 +158,9 @@ fn name_taker(tx: &Transaction, err: &crate::engine::TreeError) -> Option<Object
     })
 }
 
+/// How long a stopping driver waits for its runtime's leftover tasks.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// The running sync driver; stops when [`Syncer::stop`] is called.
 pub struct Syncer {
     shared: Arc<Shared>,
@@ -264,6 +267,10 @@ impl Syncer {
                         before_apply,
                     };
                     rt.block_on(driver.run());
+                    // Tasks still running (an abandoned request, a name lookup on the
+                    // blocking pool) must not hold the stop up: they are given a moment,
+                    // then left behind.
+                    rt.shutdown_timeout(STOP_GRACE);
                 })?
         };
         Ok(Syncer {

@@ -42,7 +42,9 @@ enum Msg {
     Local,
     /// The sync driver applied remote changes to the store.
     Remote,
-    Stop(&'static str),
+    /// A stop signal, with the shutdown's watchdog, armed when the signal came (it keeps the
+    /// handlers, so it hears a second one even while a pass still runs).
+    Stop(&'static str, Option<Box<crate::fs::mount::Watchdog>>),
 }
 
 /// Checks `dir` and `home` before anything is started; returns `dir` made absolute.
@@ -200,7 +202,7 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let dir = check_paths(home, dir)?;
     home.create()?;
-    let store = crate::fs::mount::open_store(home)?;
+    let (home_lock, store) = crate::fs::mount::open_store(home)?;
     let device = crate::fs::mount::device_name(home);
     let quiet = options.quiet_period;
     let capture = Capture::load(&store, device.clone(), quiet)?;
@@ -308,11 +310,21 @@ pub fn run(
     let (_done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let tx = tx.clone();
+        let pending = crate::fs::mount::pending_of(&core);
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Ok(Some(sig)) = signals.wait_or(done_rx) {
-                    let _ = tx.send(Msg::Stop(sig));
+                let mut signals = signals;
+                if let Some(sig) = signals.wait_or(done_rx) {
+                    let watchdog = crate::fs::mount::Watchdog::start(
+                        signals,
+                        crate::fs::mount::SHUTDOWN_DEADLINE,
+                        pending,
+                    )
+                    .inspect_err(|e| tracing::warn!("no shutdown deadline: {e}"))
+                    .ok()
+                    .map(Box::new);
+                    let _ = tx.send(Msg::Stop(sig, watchdog));
                 }
             })?;
     }
@@ -333,14 +345,14 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match first {
-            Msg::Stop(sig) => stop = Some(sig),
+            Msg::Stop(sig, watchdog) => stop = Some((sig, watchdog)),
             Msg::Remote => rec.reconcile(),
             Msg::Local => {
                 // Debounce: wait until the folder is quiet for the quiet period.
                 loop {
                     match rx.recv_timeout(quiet) {
-                        Ok(Msg::Stop(sig)) => {
-                            stop = Some(sig);
+                        Ok(Msg::Stop(sig, watchdog)) => {
+                            stop = Some((sig, watchdog));
                             break;
                         }
                         Ok(_) => continue,
@@ -351,26 +363,40 @@ pub fn run(
             }
         }
     }
-    tracing::info!(
-        "received {}: stopping the watch of {}",
-        stop.unwrap_or("end of input"),
-        dir.display()
-    );
+    let (why, watchdog) = match stop {
+        Some((sig, watchdog)) => (sig, watchdog.map(|w| *w)),
+        None => ("end of input", None),
+    };
+    tracing::info!("received {why}: stopping the watch of {}", dir.display());
+    crate::fs::mount::mark_stopping(home);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let stage = |what| {
+        if let Some(w) = &watchdog {
+            w.stage(what);
+        }
+    };
     drop(watcher);
     // What changed up to now goes into the store and is sealed: nothing waits for a restart.
+    stage("importing the folder's last changes");
     rec.reconcile();
+    stage("stopping the sealer");
     sealer_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sealer.join();
+    stage("sealing the last changes");
     core.seal_if_due(true);
+    stage("stopping the sync driver");
     if let Some(s) = sync {
         s.stop();
     }
-    let _ = std::fs::remove_file(home.pid_file());
+    stage("closing the store");
     store.sync_wal().context("flushing the store")?;
     drop(rec);
     drop(core);
     drop(store);
+    drop(watchdog);
+    let _ = std::fs::remove_file(home.pid_file());
     tracing::info!("stopped watching {}", dir.display());
+    // The home stays locked until the process has ended (see `fs::mount`).
+    std::mem::forget(home_lock);
     Ok(())
 }
