@@ -213,7 +213,9 @@ fn body(ops: Vec<Op>) -> Vec<u8> {
 
 async fn try_append(s: &Storage, ops: Vec<Op>) -> Result<AppendRecord, ApiError> {
     let key = hex::encode(rand::random::<[u8; 16]>());
-    s.append("u", "dev", &key, body(ops).into()).await
+    s.append("u", "dev", &key, body(ops).into())
+        .await
+        .map_err(ApiError::from)
 }
 
 async fn append(s: &Storage, ops: Vec<Op>) {
