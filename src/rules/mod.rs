@@ -178,6 +178,9 @@ pub struct NewObject<'op> {
     pub mtime_ns: i64,
 }
 
+/// A name in a folder: (folder, name).
+pub type NameIn = (ObjectId, Name);
+
 /// An object's names before and after a `Rename`, `Link` or `Unlink`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NameChange {
@@ -191,7 +194,7 @@ pub struct NameChange {
 
 impl NameChange {
     /// The first name after the change, and the others (hard links), sorted.
-    pub fn split(&self) -> Option<(&(ObjectId, Name), &[(ObjectId, Name)])> {
+    pub fn split(&self) -> Option<(&NameIn, &[NameIn])> {
         self.after.split_first()
     }
 

@@ -423,29 +423,6 @@ pub async fn history(
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_range;
-
-    #[test]
-    fn ranges_are_parsed_against_the_size() {
-        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), (0, 10));
-        assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
-        assert_eq!(parse_range("bytes=-5", 100).unwrap(), (95, 100));
-        assert_eq!(parse_range("bytes=50-1000", 100).unwrap(), (50, 100));
-        for bad in [
-            "bytes=100-",
-            "bytes=5-1",
-            "items=0-1",
-            "bytes=0-1,3-4",
-            "bytes=x-1",
-            "bytes=-0",
-        ] {
-            assert!(parse_range(bad, 100).is_err(), "{bad}");
-        }
-    }
-}
-
 /// How the API answers a refused append: stale bases are a 409 whose body lists them (the
 /// device pulls, rebases and retries); an op that breaks a tree rule is a 409 saying which
 /// transaction, which object and why (422 for ops change-log validation already refuses on
@@ -525,6 +502,29 @@ fn conflict_message(rule: &RuleError) -> String {
         RuleError::LastName(_) => "an object's last name goes with a delete, not an unlink".into(),
         RuleError::SeveralNames(_) => {
             "the object has several names: one of them moves by link and unlink".into()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_parsed_against_the_size() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), (0, 10));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
+        assert_eq!(parse_range("bytes=-5", 100).unwrap(), (95, 100));
+        assert_eq!(parse_range("bytes=50-1000", 100).unwrap(), (50, 100));
+        for bad in [
+            "bytes=100-",
+            "bytes=5-1",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=x-1",
+            "bytes=-0",
+        ] {
+            assert!(parse_range(bad, 100).is_err(), "{bad}");
         }
     }
 }
