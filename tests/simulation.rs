@@ -81,17 +81,7 @@ struct Obj {
 }
 
 fn root_obj() -> Obj {
-    Obj {
-        parent: ObjectId::ROOT,
-        name: Name(Vec::new()),
-        links: Vec::new(),
-        kind: ObjectKind::Directory,
-        mode: 0o755,
-        mtime_ns: 0,
-        content: Vec::new(),
-        xattrs: BTreeMap::new(),
-        version: 0,
-    }
+    obj_of(&ObjectState::root(), Vec::new())
 }
 
 type Objects = BTreeMap<ObjectId, Obj>;

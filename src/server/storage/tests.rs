@@ -836,18 +836,19 @@ async fn tree_rule_refusals_keep_their_http_answers() {
         ObjectId([3; 16]),
     );
     let n = |s: &str| Name::new(s.as_bytes().to_vec()).expect("name");
-    let make = |id, parent, name: &str, kind| {
-        op(
-            id,
-            0,
-            OpKind::Create {
-                parent,
-                name: n(name),
-                kind,
-                mode: 0o644,
-                mtime_ns: 0,
-            },
-        )
+    // `create`'s op, somewhere else.
+    let make = |id, at: ObjectId, name: &str, of: ObjectKind| {
+        let mut o = create(id);
+        if let OpKind::Create {
+            parent,
+            name: nm,
+            kind,
+            ..
+        } = &mut o.kind
+        {
+            (*parent, *nm, *kind) = (at, n(name), of);
+        }
+        o
     };
     append(
         &s,
