@@ -31,7 +31,7 @@ struct Draw {
 }
 
 fn draw() -> impl Strategy<Value = Draw> {
-    (0u8..12, 1u8..7, 0u8..7, 0u8..3, 0u8..10, any::<u8>()).prop_map(
+    (0u8..13, 1u8..7, 0u8..7, 0u8..5, 0u8..12, any::<u8>()).prop_map(
         |(what, object, folder, name, wrong, byte)| Draw {
             what,
             object,
@@ -55,12 +55,64 @@ fn hash(b: &[u8]) -> ContentHash {
     *blake3::hash(b).as_bytes()
 }
 
-/// The op a draw makes in a transaction, given the tree before it and the versions the
-/// transaction's earlier ops made (ops on one object chain within a transaction, else the
-/// change-log validation refuses the whole log before any tree rule).
-fn make(d: &Draw, tree: &Tree, chain: &HashMap<ObjectId, Version>) -> Option<Op> {
-    let object = id(d.object);
-    let mut folder = id(d.folder);
+/// The op a draw makes in a transaction, given the tree with the transaction's earlier ops
+/// applied (where they apply) and the versions those ops made (ops on one object chain within
+/// a transaction, else the change-log validation refuses the whole log before any tree rule).
+/// Mostly ops on objects and folders that exist, so that many appends are accepted; now and
+/// then a missing or wrong one, a stale base or a wrong base hash.
+fn make(d: &Draw, work: &Tree, chain: &HashMap<ObjectId, Version>) -> Option<Op> {
+    let objects: Vec<&crate::engine::ObjectState> = {
+        let mut v: Vec<_> = work.objects().filter(|o| o.id != ObjectId::ROOT).collect();
+        v.sort_by_key(|o| o.id);
+        v
+    };
+    let pick = |k: u8, from: &[ObjectId]| {
+        if from.is_empty() || d.wrong == 2 {
+            id(k)
+        } else {
+            from[usize::from(k) % from.len()]
+        }
+    };
+    let ids: Vec<ObjectId> = objects.iter().map(|o| o.id).collect();
+    let mut dirs: Vec<ObjectId> = vec![ObjectId::ROOT];
+    dirs.extend(objects.iter().filter(|o| o.is_dir()).map(|o| o.id));
+    // Now and then the objects and folders this transaction touched already: a folder made,
+    // filled and deleted in one append, say.
+    let recent: Vec<ObjectId> = {
+        let mut v: Vec<ObjectId> = chain
+            .keys()
+            .copied()
+            .filter(|i| work.contains(*i))
+            .collect();
+        v.sort();
+        v
+    };
+    let recent_dirs: Vec<ObjectId> = recent
+        .iter()
+        .copied()
+        .filter(|i| work.get(*i).is_some_and(|o| o.is_dir()))
+        .collect();
+    let (ids, dirs) = if (4..7).contains(&d.wrong) && !recent.is_empty() {
+        let dirs = if recent_dirs.is_empty() {
+            dirs
+        } else {
+            recent_dirs
+        };
+        (recent, dirs)
+    } else {
+        (ids, dirs)
+    };
+    let mut object = pick(d.object, &ids);
+    let mut folder = pick(d.folder, &dirs);
+    if d.what <= 3 {
+        // A create: of an id that is not there yet (or, now and then, of one that is).
+        object = (1..=8)
+            .map(|k| id((d.object + k) % 8 + 1))
+            .find(|i| d.wrong == 2 || !work.contains(*i))?;
+        if chain.contains_key(&object) {
+            return None;
+        }
+    }
     if folder == object {
         folder = ObjectId::ROOT;
     }
@@ -68,7 +120,7 @@ fn make(d: &Draw, tree: &Tree, chain: &HashMap<ObjectId, Version>) -> Option<Op>
     let current = chain
         .get(&object)
         .copied()
-        .unwrap_or_else(|| tree.version(object));
+        .unwrap_or_else(|| work.version(object));
     // A stale base now and then, except where the chain fixes it.
     let base = if d.wrong == 0 && !chain.contains_key(&object) {
         current + 1
@@ -76,13 +128,10 @@ fn make(d: &Draw, tree: &Tree, chain: &HashMap<ObjectId, Version>) -> Option<Op>
         current
     };
     let kind = match d.what {
-        0..=2 => {
-            if chain.contains_key(&object) {
-                return None;
-            }
+        0..=3 => {
             let kind = match d.what {
-                0 => ObjectKind::File,
-                1 => ObjectKind::Directory,
+                0 | 1 => ObjectKind::File,
+                2 => ObjectKind::Directory,
                 _ => ObjectKind::Symlink {
                     target: b"t".to_vec(),
                 },
@@ -100,22 +149,35 @@ fn make(d: &Draw, tree: &Tree, chain: &HashMap<ObjectId, Version>) -> Option<Op>
                 },
             });
         }
-        3 | 4 => OpKind::Rename {
+        4 | 5 => OpKind::Rename {
             new_parent: folder,
             new_name: name,
         },
-        5 => OpKind::Delete,
-        6 => OpKind::Link {
-            parent: folder,
-            name,
-        },
-        7 => OpKind::Unlink {
+        6 => OpKind::Delete,
+        7 => OpKind::Link {
             parent: folder,
             name,
         },
         8 => {
+            // One of its names, mostly.
+            let names: Vec<_> = work
+                .get(object)
+                .map(|o| o.names().collect())
+                .unwrap_or_default();
+            match names.get(usize::from(d.name)) {
+                Some((p, n)) if d.wrong != 3 => OpKind::Unlink {
+                    parent: *p,
+                    name: (*n).clone(),
+                },
+                _ => OpKind::Unlink {
+                    parent: folder,
+                    name,
+                },
+            }
+        }
+        9 => {
             let content = vec![d.byte; usize::from(d.byte % 5)];
-            let base_hash = match tree.get(object) {
+            let base_hash = match work.get(object) {
                 Some(o) if d.wrong != 1 => o.hash,
                 _ => hash(b"not the content"),
             };
@@ -126,11 +188,11 @@ fn make(d: &Draw, tree: &Tree, chain: &HashMap<ObjectId, Version>) -> Option<Op>
                 delta: Delta::Whole(content),
             }
         }
-        9 => OpKind::Truncate {
+        10 => OpKind::Truncate {
             new_size: 0,
             new_hash: empty_hash(),
         },
-        10 => OpKind::SetAttr {
+        11 => OpKind::SetAttr {
             mode: Some(0o600 | u32::from(d.byte % 8)),
             mtime_ns: None,
         },
@@ -180,7 +242,7 @@ proptest! {
     /// leave the same objects on both.
     #[test]
     fn the_engine_and_the_server_give_the_same_verdicts(
-        appends in proptest::collection::vec(proptest::collection::vec(draw(), 1..5), 1..40),
+        appends in proptest::collection::vec(proptest::collection::vec(draw(), 1..6), 1..40),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -201,9 +263,12 @@ proptest! {
             for (k, draws) in appends.iter().enumerate() {
                 let mut chain = HashMap::new();
                 let mut ops = Vec::new();
+                let mut work = tree.clone();
                 for d in draws {
-                    if let Some(op) = make(d, &tree, &chain) {
+                    if let Some(op) = make(d, &work, &chain) {
                         chain.insert(op.object, op.new_version);
+                        // What applies shapes the next ops; the verdict is taken below.
+                        let _ = work.apply_op(&op);
                         ops.push(op);
                     }
                 }
