@@ -3,6 +3,7 @@
 //! One folder a concept (see `docs/architecture.md`):
 //! - [`changelog`]: the universal change-log format. Pure.
 //! - [`delta`]: delta strategies (dirty ranges, rsync, whole file) and their selection. Pure.
+//! - [`rules`]: the tree rules (does an op apply to a tree, what it changes), once. Pure.
 //! - [`engine`]: the sync state machine: local and remote changes in, actions out. No I/O.
 //! - [`store`]: the device's RocksDB store behind a narrow facade.
 //! - [`fs`]: the fuser adapter over the store.
@@ -21,6 +22,7 @@ pub mod fs;
 pub mod home;
 pub mod ignore;
 pub mod logging;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -1,6 +1,6 @@
 //! Deterministic simulation of several devices running the sync engine against an in-memory
-//! server that follows the rules of `src/server/storage.rs`, plus one scripted test per row of
-//! `SEMANTICS.md`.
+//! server that follows the tree rules of `deltadrive::rules` (as `src/server/storage.rs` does),
+//! plus one scripted test per row of `SEMANTICS.md`.
 //!
 //! What it checks (the oracle of `SEMANTICS.md`): at quiescence every device holds the same
 //! tree as the server, and every version a device saved is present on every device (as the
@@ -23,6 +23,7 @@ use deltadrive::engine::{
     Action, ContentSource, Engine, EngineConfig, LocalChange, ObjectState, PersistedState,
     RequestId, ServerChange,
 };
+use deltadrive::rules::{self, ContentChange, Effect, Facts, TreeView};
 
 // ---------------------------------------------------------------- randomness
 
@@ -80,17 +81,7 @@ struct Obj {
 }
 
 fn root_obj() -> Obj {
-    Obj {
-        parent: ObjectId::ROOT,
-        name: Name(Vec::new()),
-        links: Vec::new(),
-        kind: ObjectKind::Directory,
-        mode: 0o755,
-        mtime_ns: 0,
-        content: Vec::new(),
-        xattrs: BTreeMap::new(),
-        version: 0,
-    }
+    obj_of(&ObjectState::root(), Vec::new())
 }
 
 type Objects = BTreeMap<ObjectId, Obj>;
@@ -120,12 +111,6 @@ fn name_taken(objs: &Objects, parent: ObjectId, n: &Name) -> bool {
         .any(|(id, o)| *id != ObjectId::ROOT && has_name(o, parent, n))
 }
 
-fn is_dir(objs: &Objects, id: ObjectId) -> bool {
-    objs.get(&id)
-        .map(|o| o.kind == ObjectKind::Directory)
-        .unwrap_or(false)
-}
-
 fn within(objs: &Objects, mut at: ObjectId, ancestor: ObjectId) -> bool {
     for _ in 0..=objs.len() {
         if at == ancestor {
@@ -142,176 +127,71 @@ fn within(objs: &Objects, mut at: ObjectId, ancestor: ObjectId) -> bool {
     true
 }
 
-/// Applies one op with the server's checks (`src/server/storage.rs`).
+/// The simulated objects as the tree rules read them.
+struct View<'a>(&'a Objects);
+
+impl TreeView for View<'_> {
+    fn object(&self, id: ObjectId) -> Option<Facts> {
+        self.0.get(&id).map(|o| Facts {
+            kind: (&o.kind).into(),
+            version: o.version,
+            parent: o.parent,
+            names: 1 + o.links.len(),
+        })
+    }
+
+    fn child(&self, parent: ObjectId, n: &Name) -> Option<ObjectId> {
+        self.0
+            .iter()
+            .find(|(id, o)| **id != ObjectId::ROOT && has_name(o, parent, n))
+            .map(|(id, _)| *id)
+    }
+
+    fn has_children(&self, dir: ObjectId) -> bool {
+        self.0
+            .iter()
+            .any(|(id, o)| *id != ObjectId::ROOT && names(o).iter().any(|(p, _)| *p == dir))
+    }
+
+    fn names(&self, id: ObjectId) -> Vec<(ObjectId, Name)> {
+        self.0.get(&id).map(names).unwrap_or_default()
+    }
+
+    fn content_hash(&self, id: ObjectId) -> Option<ContentHash> {
+        self.0.get(&id).map(|o| hash(&o.content))
+    }
+}
+
+/// Largest content the simulation builds.
+const MAX_CONTENT: usize = 1 << 20;
+
+/// Applies one op as the server does: checked by the tree rules, then their effect on the
+/// simulated objects. Unchanged on error.
 fn server_apply(objs: &mut Objects, op: &Op) -> Result<(), String> {
     let id = op.object;
-    let current = objs.get(&id).map(|o| o.version).unwrap_or(0);
-    if current != op.base_version {
-        return Err(format!(
-            "stale {id}: base {} current {current}",
-            op.base_version
-        ));
-    }
     let v = op.new_version;
-    let root = id == ObjectId::ROOT;
-    match &op.kind {
-        OpKind::Create {
-            parent,
-            name,
-            kind,
-            mode,
-            mtime_ns,
-        } => {
-            if root || objs.contains_key(&id) {
-                return Err("create of an existing object".into());
-            }
-            if !is_dir(objs, *parent) {
-                return Err("parent is not a folder".into());
-            }
-            if name_taken(objs, *parent, name) {
-                return Err(format!("name {name} taken"));
-            }
-            objs.insert(
-                id,
-                Obj {
-                    parent: *parent,
-                    name: name.clone(),
-                    links: Vec::new(),
-                    kind: kind.clone(),
-                    mode: *mode,
-                    mtime_ns: *mtime_ns,
-                    content: Vec::new(),
-                    xattrs: BTreeMap::new(),
-                    version: v,
-                },
-            );
+    match rules::check_all(op, &View(objs)).map_err(|e| e.to_string())? {
+        Effect::Create(new) => {
+            objs.insert(id, obj_of(&ObjectState::created(id, &new, v), Vec::new()));
         }
-        OpKind::Write {
-            base_hash,
-            new_hash,
-            new_size,
-            delta,
-        } => {
-            let o = objs.get_mut(&id).ok_or("write of a missing object")?;
-            if o.kind != ObjectKind::File {
-                return Err("write to a non-file".into());
-            }
-            let out = deltadrive::delta::apply_checked(
-                &o.content,
-                base_hash,
-                delta,
-                new_hash,
-                *new_size,
-                1 << 20,
-            )
-            .map_err(|e| e.to_string())?;
-            o.content = out;
-            o.version = v;
-        }
-        OpKind::Truncate { new_size, new_hash } => {
-            let o = objs.get_mut(&id).ok_or("truncate of a missing object")?;
-            if o.kind != ObjectKind::File {
-                return Err("truncate of a non-file".into());
-            }
-            let mut c = o.content.clone();
-            c.resize(*new_size as usize, 0);
-            if hash(&c) != *new_hash {
-                return Err("truncate hash mismatch".into());
-            }
-            o.content = c;
-            o.version = v;
-        }
-        OpKind::Rename {
-            new_parent,
-            new_name,
-        } => {
-            if root {
-                return Err("rename of the root".into());
-            }
-            let o = objs.get(&id).ok_or("rename of a missing object")?;
-            if !o.links.is_empty() {
-                return Err("rename of an object with several names".into());
-            }
-            if !is_dir(objs, *new_parent) {
-                return Err("new parent is not a folder".into());
-            }
-            let same = o.parent == *new_parent && o.name == *new_name;
-            if !same && name_taken(objs, *new_parent, new_name) {
-                return Err("name taken".into());
-            }
-            if within(objs, *new_parent, id) {
-                return Err("cycle".into());
-            }
-            let o = objs.get_mut(&id).ok_or("missing")?;
-            o.parent = *new_parent;
-            o.name = new_name.clone();
-            o.version = v;
-        }
-        OpKind::Delete => {
-            if root {
-                return Err("delete of the root".into());
-            }
-            let o = objs.get(&id).ok_or("delete of a missing object")?;
-            if o.kind == ObjectKind::Directory {
-                let has = objs.iter().any(|(cid, c)| {
-                    *cid != ObjectId::ROOT && names(c).iter().any(|(p, _)| *p == id)
-                });
-                if has {
-                    return Err("delete of a non-empty folder".into());
-                }
-            }
+        Effect::Delete => {
             objs.remove(&id);
         }
-        OpKind::SetAttr { mode, mtime_ns } => {
-            let o = objs.get_mut(&id).ok_or("setattr of a missing object")?;
-            if let Some(m) = mode {
-                o.mode = *m;
+        effect => {
+            let o = objs
+                .get_mut(&id)
+                .ok_or("the rules found an object that is not here")?;
+            match effect {
+                Effect::Content(c) => {
+                    o.content = c
+                        .apply_to(id, o.content.clone(), MAX_CONTENT)
+                        .map_err(|e| e.to_string())?;
+                }
+                Effect::Names(change) => set_names(o, change.after),
+                Effect::Attr(a) => a.apply(&mut o.mode, &mut o.mtime_ns),
+                Effect::Xattr(x) => x.apply(&mut o.xattrs),
+                Effect::Create(_) | Effect::Delete => {}
             }
-            if let Some(t) = mtime_ns {
-                o.mtime_ns = *t;
-            }
-            o.version = v;
-        }
-        OpKind::SetXattr { name, value } => {
-            let o = objs.get_mut(&id).ok_or("xattr of a missing object")?;
-            o.xattrs.insert(name.clone(), value.clone());
-            o.version = v;
-        }
-        OpKind::RemoveXattr { name } => {
-            let o = objs.get_mut(&id).ok_or("xattr of a missing object")?;
-            o.xattrs.remove(name);
-            o.version = v;
-        }
-        OpKind::Link { parent, name } => {
-            let o = objs.get(&id).ok_or("link of a missing object")?;
-            if root || o.kind == ObjectKind::Directory {
-                return Err("link of a folder".into());
-            }
-            if !is_dir(objs, *parent) {
-                return Err("link into a non-folder".into());
-            }
-            if name_taken(objs, *parent, name) {
-                return Err(format!("name {name} taken"));
-            }
-            let o = objs.get_mut(&id).ok_or("missing")?;
-            let mut all = names(o);
-            all.push((*parent, name.clone()));
-            set_names(o, all);
-            o.version = v;
-        }
-        OpKind::Unlink { parent, name } => {
-            let o = objs.get_mut(&id).ok_or("unlink of a missing object")?;
-            if !has_name(o, *parent, name) {
-                return Err(format!("unlink of a name {name} the object does not have"));
-            }
-            if o.links.is_empty() {
-                return Err("unlink of the last name".into());
-            }
-            let all = names(o)
-                .into_iter()
-                .filter(|(p, n)| !(*p == *parent && n == name))
-                .collect();
-            set_names(o, all);
             o.version = v;
         }
     }
@@ -558,29 +438,10 @@ impl World {
                     ContentSource::Unchanged => old.unwrap_or_default(),
                     ContentSource::Ops(ops) => {
                         let mut c = old.unwrap_or_default();
-                        for k in ops {
-                            match k {
-                                OpKind::Write {
-                                    base_hash,
-                                    new_hash,
-                                    new_size,
-                                    delta,
-                                } => {
-                                    c = deltadrive::delta::apply_checked(
-                                        &c,
-                                        base_hash,
-                                        delta,
-                                        new_hash,
-                                        *new_size,
-                                        1 << 20,
-                                    )
-                                    .expect("remote delta applies to the local content");
-                                }
-                                OpKind::Truncate { new_size, .. } => {
-                                    c.resize(*new_size as usize, 0)
-                                }
-                                _ => {}
-                            }
+                        for change in ops.iter().filter_map(ContentChange::of) {
+                            c = change
+                                .apply_to(state.id, c, MAX_CONTENT)
+                                .expect("remote content ops apply to the local content");
                         }
                         c
                     }

@@ -1,5 +1,6 @@
 //! Fuzzes the append path: change logs decoded and applied by the server's storage role
-//! (`src/server/storage.rs`, included by `#[path]` with the content, limits and error modules)
+//! (`src/server/storage.rs`, included by `#[path]` with the content, limits and error modules
+//! and the tree rules of `src/rules/`)
 //! against the in-memory backend, under small work and memory budgets. Never a panic, never a
 //! 500, never more memory than the budgets allow (run with `-rss_limit_mb=512`); an append is
 //! all or nothing, and the stored files always equal a model of them.
@@ -17,6 +18,8 @@
 mod changelog;
 #[path = "../../src/delta/mod.rs"]
 mod delta;
+#[path = "../../src/rules/mod.rs"]
+mod rules;
 
 #[path = "append_server.rs"]
 mod server;
@@ -32,7 +35,7 @@ use server::backend::memory::Memory;
 use server::backend::Backend;
 use server::error::ApiError;
 use server::limits::AppendLimits;
-use server::storage::{Storage, StorageConfig};
+use server::storage::{AppendError, Storage, StorageConfig};
 
 /// Budgets small enough that everything they allow fits the fuzzer's 512 MiB.
 fn config() -> StorageConfig {
@@ -372,9 +375,16 @@ fn same(a: &BTreeMap<u8, File>, b: &BTreeMap<u8, File>) -> bool {
         })
 }
 
-fn check_refusal(e: &ApiError) {
+fn check_refusal(e: &AppendError) {
     assert!(
-        !matches!(e, ApiError::Internal(_)),
+        !matches!(
+            e,
+            AppendError::Api(ApiError::Internal(_))
+                | AppendError::Refused {
+                    rule: rules::RuleError::TooDeep(_),
+                    ..
+                }
+        ),
         "an append failed inside the server: {e}"
     );
 }
@@ -461,7 +471,10 @@ fuzz_target!(|data: &[u8]| {
                 Err(e) => {
                     check_refusal(&e);
                     // Valid ops may still pass the budgets together.
-                    let over = matches!(e, ApiError::OverLimit(_) | ApiError::Busy(_));
+                    let over = matches!(
+                        e,
+                        AppendError::Api(ApiError::OverLimit(_) | ApiError::Busy(_))
+                    );
                     assert!(!valid || over, "a valid append was refused: {e}");
                     assert!(
                         same(&stored, &before),

@@ -3,14 +3,18 @@
 //!
 //! What always holds: every entry of the name index points at an object that has that name
 //! (an object may have several: hard links; a folder has one); the root folder ([`ObjectId::ROOT`]) is always present and never in the name index.
-//! A checked apply ([`Tree::apply_transaction`]) enforces the same rules as the server's
-//! storage role (`src/server/storage.rs`): base versions, parent exists and is a folder, names
-//! free, no cycles, only empty folders deleted, content ops only on files whose current hash is
-//! the op's base hash; it changes nothing when it refuses.
+//! A checked apply ([`Tree::apply_transaction`]) follows the tree rules of [`crate::rules`],
+//! the ones the server's storage role follows: base versions, parent exists and is a folder,
+//! names free, no cycles, only empty folders deleted, content ops only on files whose current
+//! hash is the op's base hash; it changes nothing when it refuses.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::changelog::{empty_hash, ContentHash, Name, ObjectId, ObjectKind, Op, OpKind, Version};
+use crate::rules::{self, Effect, Facts, TreeView};
+
+/// Why an op does not apply to a tree (the server would refuse it with 409).
+pub use crate::rules::RuleError as TreeError;
 
 /// Everything the engine knows about one object (what a snapshot entry of the server holds,
 /// minus the content itself).
@@ -58,6 +62,24 @@ impl ObjectState {
         }
     }
 
+    /// The object a `Create` makes (see [`rules::NewObject`]), at `version`.
+    pub fn created(id: ObjectId, new: &rules::NewObject<'_>, version: Version) -> ObjectState {
+        ObjectState {
+            id,
+            parent: new.parent,
+            name: new.name.clone(),
+            links: Vec::new(),
+            kind: new.kind.clone(),
+            mode: new.mode,
+            mtime_ns: new.mtime_ns,
+            hash: empty_hash(),
+            size: 0,
+            xattrs: BTreeMap::new(),
+            version,
+            content_version: version,
+        }
+    }
+
     /// Whether the object is a folder.
     pub fn is_dir(&self) -> bool {
         self.kind == ObjectKind::Directory
@@ -94,86 +116,6 @@ impl ObjectState {
         self.parent = first.0;
         self.name = first.1;
         self.links = names;
-    }
-
-    /// Adds a name (kept canonical).
-    pub fn add_name(&mut self, parent: ObjectId, name: Name) {
-        let mut all: Vec<(ObjectId, Name)> = self.names().map(|(p, n)| (p, n.clone())).collect();
-        all.push((parent, name));
-        self.set_names(all);
-    }
-
-    /// Removes a name, unless it is the last one (kept canonical).
-    pub fn remove_name(&mut self, parent: ObjectId, name: &Name) {
-        let all: Vec<(ObjectId, Name)> = self
-            .names()
-            .filter(|(p, n)| !(*p == parent && *n == name))
-            .map(|(p, n)| (p, n.clone()))
-            .collect();
-        self.set_names(all);
-    }
-}
-
-/// Why an op does not apply to a tree (the server would refuse it with 409).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TreeError {
-    #[error("object {object}: stale base version {base} (current {current})")]
-    StaleBase {
-        object: ObjectId,
-        base: Version,
-        current: Version,
-    },
-    #[error("object {0} does not exist")]
-    Missing(ObjectId),
-    #[error("object {0} already exists")]
-    Exists(ObjectId),
-    #[error("parent {0} does not exist or is not a folder")]
-    BadParent(ObjectId),
-    #[error("name {name} is taken in folder {parent}")]
-    NameTaken { parent: ObjectId, name: Name },
-    #[error("moving {0} would put a folder inside itself")]
-    Cycle(ObjectId),
-    #[error("folder {0} is not empty")]
-    NotEmpty(ObjectId),
-    #[error("object {0} is not a file")]
-    NotAFile(ObjectId),
-    #[error("object {0}: the content op's base hash is not the current content")]
-    BaseHash(ObjectId),
-    #[error("the root folder cannot be created, renamed, written or deleted")]
-    Root,
-    #[error("object {0} is a folder: a folder has exactly one name")]
-    FolderLink(ObjectId),
-    #[error("object {object} has no name {name} in folder {parent}")]
-    NoSuchName {
-        object: ObjectId,
-        parent: ObjectId,
-        name: Name,
-    },
-    #[error("object {0}: its last name goes with a delete, not an unlink")]
-    LastName(ObjectId),
-    #[error("object {0} has several names: one of them moves by link and unlink")]
-    SeveralNames(ObjectId),
-}
-
-impl TreeError {
-    /// The object the refusal is about.
-    pub fn object(&self) -> Option<ObjectId> {
-        match self {
-            TreeError::StaleBase { object, .. } | TreeError::NoSuchName { object, .. } => {
-                Some(*object)
-            }
-            TreeError::Missing(o)
-            | TreeError::Exists(o)
-            | TreeError::Cycle(o)
-            | TreeError::NotEmpty(o)
-            | TreeError::NotAFile(o)
-            | TreeError::BaseHash(o)
-            | TreeError::FolderLink(o)
-            | TreeError::LastName(o)
-            | TreeError::SeveralNames(o)
-            | TreeError::BadParent(o) => Some(*o),
-            TreeError::NameTaken { .. } | TreeError::Root => None,
-        }
     }
 }
 
@@ -362,16 +304,8 @@ impl Tree {
     /// # Errors
     /// Why the server would refuse the op.
     pub fn apply_op(&mut self, op: &Op) -> Result<(), TreeError> {
-        let current = self.version(op.object);
-        if current != op.base_version {
-            return Err(TreeError::StaleBase {
-                object: op.object,
-                base: op.base_version,
-                current,
-            });
-        }
-        self.check_op(op)?;
-        self.force_op(op);
+        let effect = rules::check_all(op, self)?;
+        self.apply_effect(op, effect);
         Ok(())
     }
 
@@ -380,215 +314,83 @@ impl Tree {
     /// # Errors
     /// Why it would refuse.
     pub fn check_op(&self, op: &Op) -> Result<(), TreeError> {
-        let id = op.object;
-        let is_root = id == ObjectId::ROOT;
-        let existing = self.objects.get(&id);
-        match &op.kind {
-            OpKind::Create { parent, name, .. } => {
-                if is_root {
-                    return Err(TreeError::Root);
-                }
-                if existing.is_some() {
-                    return Err(TreeError::Exists(id));
-                }
-                self.check_parent(*parent)?;
-                if self.lookup(*parent, name).is_some() {
-                    return Err(TreeError::NameTaken {
-                        parent: *parent,
-                        name: name.clone(),
-                    });
-                }
-            }
-            OpKind::Write { base_hash, .. } => {
-                let s = existing.ok_or(TreeError::Missing(id))?;
-                if !s.is_file() {
-                    return Err(TreeError::NotAFile(id));
-                }
-                if s.hash != *base_hash {
-                    return Err(TreeError::BaseHash(id));
-                }
-            }
-            OpKind::Truncate { .. } => {
-                let s = existing.ok_or(TreeError::Missing(id))?;
-                if !s.is_file() {
-                    return Err(TreeError::NotAFile(id));
-                }
-            }
-            OpKind::Rename {
-                new_parent,
-                new_name,
-            } => {
-                if is_root {
-                    return Err(TreeError::Root);
-                }
-                let s = existing.ok_or(TreeError::Missing(id))?;
-                if s.name_count() > 1 {
-                    return Err(TreeError::SeveralNames(id));
-                }
-                self.check_parent(*new_parent)?;
-                let same = s.parent == *new_parent && s.name == *new_name;
-                if !same && self.lookup(*new_parent, new_name).is_some() {
-                    return Err(TreeError::NameTaken {
-                        parent: *new_parent,
-                        name: new_name.clone(),
-                    });
-                }
-                if self.is_within(*new_parent, id) {
-                    return Err(TreeError::Cycle(id));
-                }
-            }
-            OpKind::Delete => {
-                if is_root {
-                    return Err(TreeError::Root);
-                }
-                let s = existing.ok_or(TreeError::Missing(id))?;
-                if s.is_dir() && self.child_count(id) > 0 {
-                    return Err(TreeError::NotEmpty(id));
-                }
-            }
-            OpKind::SetAttr { .. } | OpKind::SetXattr { .. } | OpKind::RemoveXattr { .. } => {
-                if existing.is_none() {
-                    return Err(TreeError::Missing(id));
-                }
-            }
-            OpKind::Link { parent, name } => {
-                if is_root {
-                    return Err(TreeError::Root);
-                }
-                let s = existing.ok_or(TreeError::Missing(id))?;
-                if s.is_dir() {
-                    return Err(TreeError::FolderLink(id));
-                }
-                self.check_parent(*parent)?;
-                if self.lookup(*parent, name).is_some() {
-                    return Err(TreeError::NameTaken {
-                        parent: *parent,
-                        name: name.clone(),
-                    });
-                }
-            }
-            OpKind::Unlink { parent, name } => {
-                if is_root {
-                    return Err(TreeError::Root);
-                }
-                let s = existing.ok_or(TreeError::Missing(id))?;
-                if !s.has_name(*parent, name) {
-                    return Err(TreeError::NoSuchName {
-                        object: id,
-                        parent: *parent,
-                        name: name.clone(),
-                    });
-                }
-                if s.name_count() < 2 {
-                    return Err(TreeError::LastName(id));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn check_parent(&self, parent: ObjectId) -> Result<(), TreeError> {
-        match self.objects.get(&parent) {
-            Some(p) if p.is_dir() => Ok(()),
-            _ => Err(TreeError::BadParent(parent)),
-        }
+        rules::check(op, self).map(|_| ())
     }
 
     /// Applies an op without checks (the server already accepted it); ops on a missing object
     /// other than `Create` only move its version.
     pub fn force_op(&mut self, op: &Op) {
+        let effect = rules::effect(op, self);
+        self.apply_effect(op, effect);
+    }
+
+    /// Changes the tree as the rules say `op` does.
+    fn apply_effect(&mut self, op: &Op, effect: Effect<'_>) {
         let id = op.object;
         let version = op.new_version;
-        match &op.kind {
-            OpKind::Create {
-                parent,
-                name,
-                kind,
-                mode,
-                mtime_ns,
-            } => {
-                self.put(ObjectState {
-                    id,
-                    parent: *parent,
-                    name: name.clone(),
-                    links: Vec::new(),
-                    kind: kind.clone(),
-                    mode: *mode,
-                    mtime_ns: *mtime_ns,
-                    hash: empty_hash(),
-                    size: 0,
-                    xattrs: BTreeMap::new(),
-                    version,
-                    content_version: version,
-                });
-            }
-            OpKind::Delete => {
+        match effect {
+            Effect::Create(new) => self.put(ObjectState::created(id, &new, version)),
+            Effect::Delete => {
                 self.remove(id);
             }
-            OpKind::Rename {
-                new_parent,
-                new_name,
-            } => {
+            Effect::Names(change) => {
                 if let Some(mut s) = self.objects.get(&id).cloned() {
-                    s.parent = *new_parent;
-                    s.name = new_name.clone();
+                    s.set_names(change.after);
                     s.version = version;
                     self.put(s);
                 }
             }
-            OpKind::Link { parent, name } => {
-                if let Some(mut s) = self.objects.get(&id).cloned() {
-                    s.add_name(*parent, name.clone());
-                    s.version = version;
-                    self.put(s);
-                }
-            }
-            OpKind::Unlink { parent, name } => {
-                if let Some(mut s) = self.objects.get(&id).cloned() {
-                    s.remove_name(*parent, name);
-                    s.version = version;
-                    self.put(s);
-                }
-            }
-            other => {
+            Effect::Content(c) => {
                 if let Some(s) = self.objects.get_mut(&id) {
+                    s.hash = *c.new_hash();
+                    s.size = c.new_size();
                     s.version = version;
-                    match other {
-                        OpKind::Write {
-                            new_hash, new_size, ..
-                        } => {
-                            s.hash = *new_hash;
-                            s.size = *new_size;
-                            s.content_version = version;
-                        }
-                        OpKind::Truncate { new_size, new_hash } => {
-                            s.hash = *new_hash;
-                            s.size = *new_size;
-                            s.content_version = version;
-                        }
-                        OpKind::SetAttr { mode, mtime_ns } => {
-                            if let Some(m) = mode {
-                                s.mode = *m;
-                            }
-                            if let Some(t) = mtime_ns {
-                                s.mtime_ns = *t;
-                            }
-                        }
-                        OpKind::SetXattr { name, value } => {
-                            s.xattrs.insert(name.clone(), value.clone());
-                        }
-                        OpKind::RemoveXattr { name } => {
-                            s.xattrs.remove(name);
-                        }
-                        OpKind::Create { .. }
-                        | OpKind::Delete
-                        | OpKind::Rename { .. }
-                        | OpKind::Link { .. }
-                        | OpKind::Unlink { .. } => {}
-                    }
+                    s.content_version = version;
+                }
+            }
+            Effect::Attr(a) => {
+                if let Some(s) = self.objects.get_mut(&id) {
+                    a.apply(&mut s.mode, &mut s.mtime_ns);
+                    s.version = version;
+                }
+            }
+            Effect::Xattr(x) => {
+                if let Some(s) = self.objects.get_mut(&id) {
+                    x.apply(&mut s.xattrs);
+                    s.version = version;
                 }
             }
         }
+    }
+}
+
+/// The engine's tree as the rules read it.
+impl TreeView for Tree {
+    fn object(&self, id: ObjectId) -> Option<Facts> {
+        self.objects.get(&id).map(|o| Facts {
+            kind: (&o.kind).into(),
+            version: o.version,
+            parent: o.parent,
+            names: o.name_count(),
+        })
+    }
+
+    fn child(&self, parent: ObjectId, name: &Name) -> Option<ObjectId> {
+        self.lookup(parent, name)
+    }
+
+    fn has_children(&self, dir: ObjectId) -> bool {
+        self.child_count(dir) > 0
+    }
+
+    fn names(&self, id: ObjectId) -> Vec<(ObjectId, Name)> {
+        self.objects.get(&id).map_or_else(Vec::new, |o| {
+            o.names().map(|(p, n)| (p, n.clone())).collect()
+        })
+    }
+
+    fn content_hash(&self, id: ObjectId) -> Option<ContentHash> {
+        self.objects.get(&id).map(|o| o.hash)
     }
 }
 

@@ -138,33 +138,14 @@ fn read_content(store: &Store, ino: u64, size_hint: u64) -> Result<Vec<u8>, Appl
     }
 }
 
-/// Applies the `Write`/`Truncate` ops of a remote transaction to `base`.
+/// Applies the `Write`/`Truncate` ops of a remote transaction to `base` (as the rules of
+/// [`crate::rules::content`] build content).
 fn apply_ops(object: ObjectId, mut content: Vec<u8>, ops: &[OpKind]) -> Result<Vec<u8>, String> {
     let limit = usize::try_from(MAX_APPLY_CONTENT).unwrap_or(usize::MAX);
-    for op in ops {
-        match op {
-            OpKind::Write {
-                base_hash,
-                new_hash,
-                new_size,
-                delta,
-            } => {
-                content =
-                    delta::apply_checked(&content, base_hash, delta, new_hash, *new_size, limit)
-                        .map_err(|e| e.to_string())?;
-            }
-            OpKind::Truncate { new_size, new_hash } => {
-                let n = usize::try_from(*new_size).map_err(|_| "size too large".to_string())?;
-                if *new_size > MAX_APPLY_CONTENT {
-                    return Err("size too large".into());
-                }
-                content.resize(n, 0);
-                if blake3::hash(&content).as_bytes() != new_hash {
-                    return Err(format!("truncate of {object} does not give its hash"));
-                }
-            }
-            _ => {}
-        }
+    for change in ops.iter().filter_map(crate::rules::ContentChange::of) {
+        content = change
+            .apply_to(object, content, limit)
+            .map_err(|e| e.to_string())?;
     }
     Ok(content)
 }

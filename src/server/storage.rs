@@ -4,11 +4,14 @@
 //! What always holds: an append is validated whole against the server's current state under the
 //! user's commit lock, then committed in one backend batch; so the log has no gaps, every stored
 //! transaction applied cleanly to the state before it, and a refused append changes nothing.
-//! Rules enforced here (not in the backend): base versions, parent exists and is a folder, names
-//! free, no folder cycles, only empty folders deleted, writes only to files, delta base hashes,
-//! content size cap. Wake-ups of long polls go through a per-user `watch` channel, fed by this
+//! The tree rules (base versions, parent exists and is a folder, names free, no folder cycles,
+//! only empty folders deleted, content ops only on files, delta base hashes) are
+//! [`crate::rules`]'s, read over the append's overlay of the backend's state; refusals leave here
+//! as [`AppendError`] and `server/api/` words them for HTTP. Checked here: the content size cap
+//! and that each write's result is the content it claims. Wake-ups of long polls go through a per-user `watch` channel, fed by this
 //! process's appends and by the backend's head events (appends made through other replicas).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -18,16 +21,17 @@ use tokio::sync::watch;
 use crate::changelog::limits::{MAX_BODY_LEN, MAX_OPS_PER_LOG};
 use crate::changelog::{
     decode_changelog, empty_hash, encode_transaction, validate, ChangeLog, ContentHash, Delta,
-    ObjectId, ObjectKind, Op, OpKind,
+    Name, ObjectId, ObjectKind, Op, OpKind,
 };
 use crate::delta::DeltaError;
+use crate::rules::{self, ContentChange, Effect, Facts, Kind, RuleError, TreeView};
 
 use super::backend::{
     AppendRecord, Backend, ChunkId, CommitBatch, DirEntries, HeadEvent, HistoryEntry, ObjectState,
     StoredKind,
 };
 use super::content::{read_range, Content};
-use super::error::{ApiError, StaleOp};
+use super::error::ApiError;
 use super::limits::{AppendLimits, MemoryBudget, Reservation, Spend, WorkBudget, OP_WORK_BYTES};
 
 pub use super::content::CHUNK_SIZE;
@@ -41,6 +45,49 @@ pub struct StorageConfig {
     pub history_versions: usize,
     /// The work and memory bounds of appends.
     pub limits: AppendLimits,
+}
+
+/// Why an append was refused. Nothing of it was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// An op does not apply to the user's tree: it breaks a tree rule.
+    #[error("transaction {transaction}, object {object}: {rule}")]
+    Refused {
+        transaction: usize,
+        object: ObjectId,
+        rule: RuleError,
+    },
+    /// Ops whose base version is not the server's current version of their object (each a
+    /// [`RuleError::StaleBase`]); the device pulls, rebases and sends again.
+    #[error("stale base version")]
+    Stale(Vec<RuleError>),
+    /// Anything else, already an HTTP answer (undecodable, invalid, over a budget, internal).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl From<super::backend::BackendError> for AppendError {
+    fn from(e: super::backend::BackendError) -> Self {
+        AppendError::Api(e.into())
+    }
+}
+
+/// Why one op was refused (the caller says which transaction).
+enum OpRefusal {
+    Rule(RuleError),
+    Api(ApiError),
+}
+
+impl From<RuleError> for OpRefusal {
+    fn from(e: RuleError) -> Self {
+        OpRefusal::Rule(e)
+    }
+}
+
+impl From<ApiError> for OpRefusal {
+    fn from(e: ApiError) -> Self {
+        OpRefusal::Api(e)
+    }
 }
 
 /// The storage service shared by all requests.
@@ -111,19 +158,6 @@ fn names_of(s: &ObjectState) -> impl Iterator<Item = EntryKey> + '_ {
     std::iter::once((s.parent, s.name.clone())).chain(s.links.iter().cloned())
 }
 
-/// Sets an object's names (at least one), the least first, as every device keeps them.
-fn set_names(s: &mut ObjectState, mut names: Vec<EntryKey>) {
-    names.sort();
-    names.dedup();
-    if names.is_empty() {
-        return;
-    }
-    let (parent, name) = names.remove(0);
-    s.parent = parent;
-    s.name = name;
-    s.links = names;
-}
-
 /// The objects an append reads and changes, over the backend's committed state.
 struct Overlay<'a> {
     backend: &'a dyn Backend,
@@ -160,7 +194,8 @@ impl<'a> Overlay<'a> {
         self.current.insert(id, s);
     }
 
-    async fn children(&mut self, dir: [u8; 16]) -> Result<DirEntries, ApiError> {
+    /// Reads the committed entries of folder `dir` (once).
+    async fn list(&mut self, dir: [u8; 16]) -> Result<(), ApiError> {
         if !self.listed.contains_key(&dir) {
             let l = self
                 .backend
@@ -168,26 +203,43 @@ impl<'a> Overlay<'a> {
                 .await?;
             self.listed.insert(dir, l);
         }
-        let mut map: BTreeMap<Vec<u8>, [u8; 16]> = self
-            .listed
-            .get(&dir)
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        for ((p, name), child) in &self.entries {
-            if *p == dir {
-                match child {
-                    Some(c) => map.insert(name.clone(), *c),
-                    None => map.remove(name),
-                };
-            }
-        }
-        Ok(map.into_iter().collect())
+        Ok(())
     }
 
-    async fn name_taken(&mut self, dir: [u8; 16], name: &[u8]) -> Result<bool, ApiError> {
-        Ok(self.children(dir).await?.iter().any(|(n, _)| n == name))
+    /// Loads what the tree rules read to check `op`: the object, the folder it goes into and
+    /// that folder's entries, the folder chain above it for a move, a folder's entries for
+    /// its delete.
+    async fn load_for(&mut self, op: &Op) -> Result<(), ApiError> {
+        let id = op.object.0;
+        let object = self.get(id).await?;
+        let into = match &op.kind {
+            OpKind::Create { parent, .. } | OpKind::Link { parent, .. } => Some(parent.0),
+            OpKind::Rename { new_parent, .. } => Some(new_parent.0),
+            OpKind::Delete => {
+                if matches!(&object, Some(s) if s.kind == StoredKind::Directory) {
+                    self.list(id).await?;
+                }
+                None
+            }
+            _ => None,
+        };
+        let Some(dir) = into else { return Ok(()) };
+        if matches!(self.get(dir).await?, Some(s) if s.kind == StoredKind::Directory) {
+            self.list(dir).await?;
+        }
+        if matches!(op.kind, OpKind::Rename { .. }) {
+            let mut at = dir;
+            for _ in 0..=rules::MAX_DEPTH {
+                if at == ObjectId::ROOT.0 || at == id {
+                    break;
+                }
+                match self.get(at).await? {
+                    Some(folder) => at = folder.parent,
+                    None => break,
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The file's content after the ops applied so far (cheap to clone: chunks are shared).
@@ -209,15 +261,96 @@ impl<'a> Overlay<'a> {
     }
 }
 
-fn conflict(msg: String) -> ApiError {
-    ApiError::Conflict(msg)
+/// The overlay as the tree rules read it: only what [`Overlay::load_for`] loaded. A read of
+/// anything else (a bug of `load_for`) is noted in `missed`, and the append fails.
+struct OverlayView<'o, 'a> {
+    ov: &'o Overlay<'a>,
+    missed: Cell<bool>,
 }
 
-fn kind_name(k: &StoredKind) -> &'static str {
-    match k {
-        StoredKind::File => "file",
-        StoredKind::Directory => "directory",
-        StoredKind::Symlink { .. } => "symlink",
+impl<'o, 'a> OverlayView<'o, 'a> {
+    fn new(ov: &'o Overlay<'a>) -> Self {
+        OverlayView {
+            ov,
+            missed: Cell::new(false),
+        }
+    }
+
+    /// The answer of `f` over the overlay, or an internal error if it read what was not loaded.
+    fn read<T>(ov: &Overlay<'_>, f: impl FnOnce(&OverlayView<'_, '_>) -> T) -> Result<T, ApiError> {
+        let view = OverlayView::new(ov);
+        let out = f(&view);
+        if view.missed.get() {
+            return Err(ApiError::Internal(
+                "the tree rules read state the append had not loaded".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn state(&self, id: ObjectId) -> Option<&'o ObjectState> {
+        match self.ov.current.get(&id.0) {
+            Some(s) => s.as_ref(),
+            None => {
+                self.missed.set(true);
+                None
+            }
+        }
+    }
+
+    fn listing(&self, dir: ObjectId) -> &'o [(Vec<u8>, [u8; 16])] {
+        match self.ov.listed.get(&dir.0) {
+            Some(l) => l,
+            None => {
+                self.missed.set(true);
+                &[]
+            }
+        }
+    }
+}
+
+impl TreeView for OverlayView<'_, '_> {
+    fn object(&self, id: ObjectId) -> Option<Facts> {
+        self.state(id).map(|s| Facts {
+            kind: match s.kind {
+                StoredKind::File => Kind::File,
+                StoredKind::Directory => Kind::Directory,
+                StoredKind::Symlink { .. } => Kind::Symlink,
+            },
+            version: s.version,
+            parent: ObjectId(s.parent),
+            names: 1 + s.links.len(),
+        })
+    }
+
+    fn child(&self, parent: ObjectId, name: &Name) -> Option<ObjectId> {
+        if let Some(entry) = self.ov.entries.get(&(parent.0, name.0.clone())) {
+            return entry.map(ObjectId);
+        }
+        let listing = self.listing(parent);
+        listing
+            .iter()
+            .find(|(n, _)| *n == name.0)
+            .map(|(_, c)| ObjectId(*c))
+    }
+
+    fn has_children(&self, dir: ObjectId) -> bool {
+        let entries = &self.ov.entries;
+        entries.iter().any(|((p, _), c)| *p == dir.0 && c.is_some())
+            || self
+                .listing(dir)
+                .iter()
+                .any(|(n, _)| !matches!(entries.get(&(dir.0, n.clone())), Some(None)))
+    }
+
+    fn names(&self, id: ObjectId) -> Vec<(ObjectId, Name)> {
+        self.state(id).map_or_else(Vec::new, |s| {
+            names_of(s).map(|(p, n)| (ObjectId(p), Name(n))).collect()
+        })
+    }
+
+    fn content_hash(&self, id: ObjectId) -> Option<ContentHash> {
+        self.state(id).map(|s| s.hash)
     }
 }
 
@@ -287,7 +420,7 @@ impl Storage {
         device: &str,
         idempotency_key: &str,
         body: Bytes,
-    ) -> Result<AppendRecord, ApiError> {
+    ) -> Result<AppendRecord, AppendError> {
         let mut memory = self.memory.reservation();
         memory.grow(body.len() as u64, "its body").await?;
         self.append_reserved(user, device, idempotency_key, body, memory)
@@ -301,9 +434,10 @@ impl Storage {
     /// records name `device` and the server's time, not what the change log claims.
     ///
     /// # Errors
-    /// 400 undecodable, 422 invalid, 409 stale base or a conflict with the current tree, 413
-    /// over the work budget or larger than the whole memory budget, 503 when the memory budget
-    /// stayed full.
+    /// [`AppendError::Stale`] and [`AppendError::Refused`] when the log does not apply to the
+    /// user's tree; else (as HTTP) 400 undecodable, 422 invalid, 409 a reused idempotency key,
+    /// 413 over the work budget or larger than the whole memory budget, 503 when the memory
+    /// budget stayed full.
     pub async fn append_reserved(
         &self,
         user: &str,
@@ -311,7 +445,7 @@ impl Storage {
         idempotency_key: &str,
         body: Bytes,
         mut memory: Reservation,
-    ) -> Result<AppendRecord, ApiError> {
+    ) -> Result<AppendRecord, AppendError> {
         memory
             .grow(decode_memory(&body), "decoding its change log")
             .await?;
@@ -338,14 +472,15 @@ impl Storage {
             if rec.body_hash != body_hash {
                 return Err(ApiError::Conflict(
                     "this Idempotency-Key was already used for a different change log".into(),
-                ));
+                )
+                .into());
             }
             return Ok(rec);
         }
         if log.transactions.is_empty() {
-            return Err(ApiError::Unprocessable(
-                "the change log holds no transaction".into(),
-            ));
+            return Err(
+                ApiError::Unprocessable("the change log holds no transaction".into()).into(),
+            );
         }
         let mut spend = Spend {
             work: WorkBudget::new(self.config.limits.work_bytes),
@@ -385,7 +520,7 @@ impl Storage {
         head: u64,
         log: &ChangeLog,
         spend: &mut Spend,
-    ) -> Result<(CommitBatch, Vec<(ChunkId, Bytes)>), ApiError> {
+    ) -> Result<(CommitBatch, Vec<(ChunkId, Bytes)>), AppendError> {
         let now = now_ms();
         let mut ov = Overlay {
             backend: self.backend.as_ref(),
@@ -397,8 +532,8 @@ impl Storage {
             content: HashMap::new(),
             history: Vec::new(),
         };
-        let mut stale: Vec<StaleOp> = Vec::new();
-        let mut first_error: Option<ApiError> = None;
+        let mut stale: Vec<RuleError> = Vec::new();
+        let mut first_error: Option<AppendError> = None;
         let mut entries = Vec::with_capacity(log.transactions.len());
         for (i, tx) in log.transactions.iter().enumerate() {
             let seq = head + 1 + i as u64;
@@ -408,36 +543,34 @@ impl Storage {
                 if first_error.is_some() {
                     break;
                 }
-                let current = ov.get(op.object.0).await?.map(|s| s.version).unwrap_or(0);
-                if current != op.base_version {
-                    stale.push(StaleOp {
-                        object: op.object.to_hex(),
-                        expected: op.base_version,
-                        current,
-                    });
+                ov.get(op.object.0).await?;
+                if let Err(e) = OverlayView::read(&ov, |v| rules::check_base(op, v))? {
+                    stale.push(e);
                     continue;
                 }
-                if first_error.is_some() || !stale.is_empty() {
+                if !stale.is_empty() {
                     continue;
                 }
                 if let Err(e) = self.apply_op(&mut ov, op, seq, now, device, spend).await {
+                    let at = |m: String| format!("transaction {i}, object {}: {m}", op.object);
                     first_error = Some(match e {
-                        ApiError::Conflict(m) => ApiError::Conflict(format!(
-                            "transaction {i}, object {}: {m}",
-                            op.object
-                        )),
-                        ApiError::Unprocessable(m) => ApiError::Unprocessable(format!(
-                            "transaction {i}, object {}: {m}",
-                            op.object
-                        )),
-                        other => other,
+                        OpRefusal::Rule(rule) => AppendError::Refused {
+                            transaction: i,
+                            object: op.object,
+                            rule,
+                        },
+                        OpRefusal::Api(ApiError::Conflict(m)) => ApiError::Conflict(at(m)).into(),
+                        OpRefusal::Api(ApiError::Unprocessable(m)) => {
+                            ApiError::Unprocessable(at(m)).into()
+                        }
+                        OpRefusal::Api(other) => other.into(),
                     });
                 }
             }
             entries.push((seq, encode_transaction(tx)));
         }
         if !stale.is_empty() {
-            return Err(ApiError::Stale(stale));
+            return Err(AppendError::Stale(stale));
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -505,6 +638,7 @@ impl Storage {
         Ok((batch, chunks))
     }
 
+    /// Checks `op` with the tree rules over the overlay, then applies what they say it changes.
     async fn apply_op(
         &self,
         ov: &mut Overlay<'_>,
@@ -513,249 +647,102 @@ impl Storage {
         time_ms: i64,
         device: &str,
         spend: &mut Spend,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), OpRefusal> {
         let id = op.object.0;
-        let is_root = op.object == ObjectId::ROOT;
+        ov.load_for(op).await?;
+        let effect = OverlayView::read(ov, |v| rules::check(op, v))??;
         let existing = ov.get(id).await?;
-        match &op.kind {
-            OpKind::Create {
-                parent,
-                name,
-                kind,
-                mode,
-                mtime_ns,
-            } => {
-                if is_root {
-                    return Err(ApiError::Unprocessable(
-                        "the root folder cannot be created".into(),
-                    ));
-                }
-                if existing.is_some() {
-                    return Err(conflict("object already exists".into()));
-                }
-                self.check_parent(ov, parent.0).await?;
-                if ov.name_taken(parent.0, name.as_bytes()).await? {
-                    return Err(conflict(format!(
-                        "name {name} is already taken in its folder"
-                    )));
-                }
-                let kind = match kind {
+        if let Effect::Create(new) = &effect {
+            let s = ObjectState {
+                id,
+                parent: new.parent.0,
+                name: new.name.0.clone(),
+                links: Vec::new(),
+                kind: match new.kind {
                     ObjectKind::File => StoredKind::File,
                     ObjectKind::Directory => StoredKind::Directory,
                     ObjectKind::Symlink { target } => StoredKind::Symlink {
                         target: target.clone(),
                     },
-                };
-                let is_file = kind == StoredKind::File;
-                let s = ObjectState {
-                    id,
-                    parent: parent.0,
-                    name: name.as_bytes().to_vec(),
-                    links: Vec::new(),
-                    kind,
-                    version: op.new_version,
-                    mode: *mode,
-                    mtime_ns: *mtime_ns,
-                    size: 0,
-                    hash: empty_hash(),
-                    chunks: Vec::new(),
-                    chunk_cvs: Some(Vec::new()),
-                    xattrs: BTreeMap::new(),
-                    seq,
-                };
-                ov.entries
-                    .insert((parent.0, name.as_bytes().to_vec()), Some(id));
-                ov.set(id, Some(s));
-                if is_file {
-                    ov.history
-                        .push((id, op.new_version, time_ms, device.to_string()));
-                }
-            }
-            OpKind::Write {
-                base_hash,
-                new_hash,
-                new_size,
-                delta,
-            } => {
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                if s.kind != StoredKind::File {
-                    return Err(conflict(format!("write to a {}", kind_name(&s.kind))));
-                }
-                if *base_hash != s.hash {
-                    return Err(conflict(
-                        "the delta's base hash does not match the current content".into(),
-                    ));
-                }
-                if *new_size > self.config.max_object_bytes {
-                    return Err(ApiError::Unprocessable(format!(
-                        "file size {new_size} exceeds the server's limit of {} bytes",
-                        self.config.max_object_bytes
-                    )));
-                }
-                let content = self.apply_delta(ov, &s, delta, *new_size, spend).await?;
-                check_result(&content, new_hash, *new_size)?;
-                s.version = op.new_version;
-                s.seq = seq;
-                ov.set_content(s, content, *new_hash);
+                },
+                version: op.new_version,
+                mode: new.mode,
+                mtime_ns: new.mtime_ns,
+                size: 0,
+                hash: empty_hash(),
+                chunks: Vec::new(),
+                chunk_cvs: Some(Vec::new()),
+                xattrs: BTreeMap::new(),
+                seq,
+            };
+            ov.entries.insert((s.parent, s.name.clone()), Some(id));
+            if s.kind == StoredKind::File {
                 ov.history
                     .push((id, op.new_version, time_ms, device.to_string()));
             }
-            OpKind::Truncate { new_size, new_hash } => {
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                if s.kind != StoredKind::File {
-                    return Err(conflict(format!("truncate of a {}", kind_name(&s.kind))));
-                }
-                check_size(*new_size, self.config.max_object_bytes)?;
-                let mut c = ov.content_of(&s).await?;
-                c.apply_ranges(self.backend.as_ref(), *new_size, &[], spend)
-                    .await?;
-                if c.hash()? != *new_hash {
-                    return Err(ApiError::Unprocessable(
-                        "the truncated content does not match the op's new hash".into(),
-                    ));
-                }
-                s.version = op.new_version;
-                s.seq = seq;
-                ov.set_content(s, c, *new_hash);
+            ov.set(id, Some(s));
+            return Ok(());
+        }
+        // Every other op is on an object the rules found.
+        let mut s = existing.ok_or_else(|| ApiError::Internal("checked object vanished".into()))?;
+        s.version = op.new_version;
+        s.seq = seq;
+        match effect {
+            Effect::Create(_) => {}
+            Effect::Content(change) => {
+                check_size(change.new_size(), self.config.max_object_bytes)?;
+                let content = match change {
+                    ContentChange::Write {
+                        delta, new_size, ..
+                    } => {
+                        let content = self.apply_delta(ov, &s, delta, new_size, spend).await?;
+                        check_result(&content, change.new_hash(), new_size)?;
+                        content
+                    }
+                    ContentChange::Truncate { new_size, new_hash } => {
+                        let mut c = ov.content_of(&s).await?;
+                        c.apply_ranges(self.backend.as_ref(), new_size, &[], spend)
+                            .await?;
+                        if c.hash()? != *new_hash {
+                            return Err(ApiError::Unprocessable(
+                                "the truncated content does not match the op's new hash".into(),
+                            )
+                            .into());
+                        }
+                        c
+                    }
+                };
+                ov.set_content(s, content, *change.new_hash());
                 ov.history
                     .push((id, op.new_version, time_ms, device.to_string()));
             }
-            OpKind::Rename {
-                new_parent,
-                new_name,
-            } => {
-                if is_root {
-                    return Err(ApiError::Unprocessable(
-                        "the root folder cannot be renamed".into(),
-                    ));
+            Effect::Names(change) => {
+                for (p, n) in change.removed() {
+                    ov.entries.insert((p.0, n.0.clone()), None);
                 }
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                if !s.links.is_empty() {
-                    return Err(conflict(
-                        "the object has several names: one of them moves by link and unlink".into(),
-                    ));
+                for (p, n) in change.added() {
+                    ov.entries.insert((p.0, n.0.clone()), Some(id));
                 }
-                self.check_parent(ov, new_parent.0).await?;
-                let same = s.parent == new_parent.0 && s.name == new_name.as_bytes();
-                if !same && ov.name_taken(new_parent.0, new_name.as_bytes()).await? {
-                    return Err(conflict(format!(
-                        "name {new_name} is already taken in its folder"
-                    )));
+                if let Some(((parent, name), links)) = change.split() {
+                    s.parent = parent.0;
+                    s.name = name.0.clone();
+                    s.links = links.iter().map(|(p, n)| (p.0, n.0.clone())).collect();
                 }
-                // No cycle: the new parent must not be the object or inside it.
-                let mut at = new_parent.0;
-                let mut steps = 0usize;
-                while at != ObjectId::ROOT.0 {
-                    if at == id {
-                        return Err(conflict("the move would put a folder inside itself".into()));
-                    }
-                    let p = ov
-                        .get(at)
-                        .await?
-                        .ok_or_else(|| conflict("a folder on the path does not exist".into()))?;
-                    at = p.parent;
-                    steps += 1;
-                    if steps > 100_000 {
-                        return Err(ApiError::Internal("folder chain too deep".into()));
-                    }
-                }
-                ov.entries.insert((s.parent, s.name.clone()), None);
-                ov.entries
-                    .insert((new_parent.0, new_name.as_bytes().to_vec()), Some(id));
-                s.parent = new_parent.0;
-                s.name = new_name.as_bytes().to_vec();
-                s.version = op.new_version;
-                s.seq = seq;
                 ov.set(id, Some(s));
             }
-            OpKind::Delete => {
-                if is_root {
-                    return Err(ApiError::Unprocessable(
-                        "the root folder cannot be deleted".into(),
-                    ));
-                }
-                let s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                if s.kind == StoredKind::Directory && !ov.children(id).await?.is_empty() {
-                    return Err(conflict("delete of a folder that is not empty".into()));
-                }
+            Effect::Delete => {
                 for key in names_of(&s) {
                     ov.entries.insert(key, None);
                 }
                 ov.content.remove(&id);
                 ov.set(id, None);
             }
-            OpKind::SetAttr { mode, mtime_ns } => {
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                if let Some(m) = mode {
-                    s.mode = *m;
-                }
-                if let Some(t) = mtime_ns {
-                    s.mtime_ns = *t;
-                }
-                s.version = op.new_version;
-                s.seq = seq;
+            Effect::Attr(change) => {
+                change.apply(&mut s.mode, &mut s.mtime_ns);
                 ov.set(id, Some(s));
             }
-            OpKind::SetXattr { name, value } => {
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                s.xattrs.insert(name.clone(), value.clone());
-                s.version = op.new_version;
-                s.seq = seq;
-                ov.set(id, Some(s));
-            }
-            OpKind::RemoveXattr { name } => {
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                s.xattrs.remove(name);
-                s.version = op.new_version;
-                s.seq = seq;
-                ov.set(id, Some(s));
-            }
-            OpKind::Link { parent, name } => {
-                if is_root {
-                    return Err(ApiError::Unprocessable(
-                        "the root folder cannot have another name".into(),
-                    ));
-                }
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                if s.kind == StoredKind::Directory {
-                    return Err(conflict("a folder has exactly one name".into()));
-                }
-                self.check_parent(ov, parent.0).await?;
-                if ov.name_taken(parent.0, name.as_bytes()).await? {
-                    return Err(conflict(format!(
-                        "name {name} is already taken in its folder"
-                    )));
-                }
-                let key = (parent.0, name.as_bytes().to_vec());
-                let mut names: Vec<EntryKey> = names_of(&s).collect();
-                names.push(key.clone());
-                set_names(&mut s, names);
-                ov.entries.insert(key, Some(id));
-                s.version = op.new_version;
-                s.seq = seq;
-                ov.set(id, Some(s));
-            }
-            OpKind::Unlink { parent, name } => {
-                if is_root {
-                    return Err(ApiError::Unprocessable(
-                        "the root folder cannot lose its name".into(),
-                    ));
-                }
-                let mut s = existing.ok_or_else(|| conflict("object does not exist".into()))?;
-                let key = (parent.0, name.as_bytes().to_vec());
-                let names: Vec<EntryKey> = names_of(&s).collect();
-                if !names.contains(&key) {
-                    return Err(conflict(format!("the object has no name {name} there")));
-                }
-                if names.len() < 2 {
-                    return Err(conflict(
-                        "an object's last name goes with a delete, not an unlink".into(),
-                    ));
-                }
-                set_names(&mut s, names.into_iter().filter(|k| *k != key).collect());
-                ov.entries.insert(key, None);
-                s.version = op.new_version;
-                s.seq = seq;
+            Effect::Xattr(change) => {
+                change.apply(&mut s.xattrs);
                 ov.set(id, Some(s));
             }
         }
@@ -851,21 +838,6 @@ impl Storage {
             }
         }
     }
-
-    async fn check_parent(&self, ov: &mut Overlay<'_>, parent: [u8; 16]) -> Result<(), ApiError> {
-        match ov.get(parent).await? {
-            None => Err(conflict(format!(
-                "parent folder {} does not exist",
-                ObjectId(parent)
-            ))),
-            Some(p) if p.kind != StoredKind::Directory => Err(conflict(format!(
-                "parent {} is a {}, not a folder",
-                ObjectId(parent),
-                kind_name(&p.kind)
-            ))),
-            Some(_) => Ok(()),
-        }
-    }
 }
 
 /// Milliseconds since the Unix epoch, by the server's clock.
@@ -918,3 +890,5 @@ fn check_result(content: &Content, new_hash: &ContentHash, new_size: u64) -> Res
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod verdicts;

@@ -1,11 +1,13 @@
-//! The outbox of a mount, decoded and replayed onto an empty tree with the rules the server
-//! and the engine share (`deltadrive::engine::Tree`), to compare with the mounted tree.
+//! The outbox of a mount, decoded and replayed onto an empty tree with the tree rules the
+//! server and the engine share (`deltadrive::rules`, through `deltadrive::engine::Tree`), to
+//! compare with the mounted tree.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 
 use deltadrive::changelog::{decode_transaction, ObjectId, ObjectKind, OpKind, Transaction};
+use deltadrive::rules::ContentChange;
 use deltadrive::store::Store;
 
 use super::Mounted;
@@ -38,7 +40,8 @@ pub struct Obj {
 }
 
 /// Applies transactions to a model of the server's tree, with the rules the server and the
-/// engine share (`deltadrive::engine::Tree`), and keeps each file's content.
+/// engine share (`deltadrive::rules`, through `deltadrive::engine::Tree`), and keeps each
+/// file's content.
 pub fn replay(txs: &[Transaction]) -> HashMap<ObjectId, Obj> {
     let mut tree = deltadrive::engine::Tree::new();
     let mut content: HashMap<ObjectId, Vec<u8>> = HashMap::new();
@@ -50,33 +53,17 @@ pub fn replay(txs: &[Transaction]) -> HashMap<ObjectId, Obj> {
                 OpKind::Create { .. } => {
                     content.insert(op.object, Vec::new());
                 }
-                OpKind::Write {
-                    base_hash,
-                    new_hash,
-                    new_size,
-                    delta,
-                } => {
-                    let c = content.entry(op.object).or_default();
-                    *c = deltadrive::delta::apply_checked(
-                        c,
-                        base_hash,
-                        delta,
-                        new_hash,
-                        *new_size,
-                        1 << 32,
-                    )
-                    .unwrap_or_else(|e| panic!("delta does not apply: {e}"));
-                }
-                OpKind::Truncate { new_size, .. } => {
-                    content
-                        .entry(op.object)
-                        .or_default()
-                        .resize(*new_size as usize, 0);
-                }
                 OpKind::Delete => {
                     content.remove(&op.object);
                 }
-                _ => {}
+                kind => {
+                    if let Some(change) = ContentChange::of(kind) {
+                        let c = content.entry(op.object).or_default();
+                        *c = change
+                            .apply_to(op.object, std::mem::take(c), 1 << 32)
+                            .unwrap_or_else(|e| panic!("content op does not apply: {e}"));
+                    }
+                }
             }
         }
     }

@@ -19,10 +19,12 @@ use serde::{Deserialize, Serialize};
 
 use super::body_error;
 use crate::changelog::ObjectId;
+use crate::rules::{ContentOp, RuleError};
 use crate::server::auth::DeviceAuth;
 use crate::server::backend::{ChunkId, StoredKind};
 use crate::server::content::{read_range, stream_range, CHUNK_SIZE};
-use crate::server::error::ApiError;
+use crate::server::error::{ApiError, StaleOp};
+use crate::server::storage::AppendError;
 use crate::server::AppState;
 
 /// The header carrying the user's head sequence.
@@ -435,6 +437,89 @@ pub async fn history(
             })
             .collect(),
     ))
+}
+
+/// How the API answers a refused append: stale bases are a 409 whose body lists them (the
+/// device pulls, rebases and retries); an op that breaks a tree rule is a 409 saying which
+/// transaction, which object and why (422 for ops change-log validation already refuses on
+/// the root folder; 500 for a broken stored tree).
+impl From<AppendError> for ApiError {
+    fn from(e: AppendError) -> ApiError {
+        match e {
+            AppendError::Api(e) => e,
+            AppendError::Stale(refusals) => ApiError::Stale(
+                refusals
+                    .iter()
+                    .filter_map(|r| match r {
+                        RuleError::StaleBase {
+                            object,
+                            base,
+                            current,
+                        } => Some(StaleOp {
+                            object: object.to_hex(),
+                            expected: *base,
+                            current: *current,
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            AppendError::Refused {
+                transaction,
+                object,
+                rule,
+            } => {
+                let at = |m: String| format!("transaction {transaction}, object {object}: {m}");
+                match rule {
+                    RuleError::Root { action } => {
+                        ApiError::Unprocessable(at(format!("the root folder cannot {action}")))
+                    }
+                    RuleError::TooDeep(_) => ApiError::Internal("folder chain too deep".into()),
+                    rule => ApiError::Conflict(at(conflict_message(&rule))),
+                }
+            }
+        }
+    }
+}
+
+/// The words of a 409 for a broken tree rule.
+fn conflict_message(rule: &RuleError) -> String {
+    match rule {
+        RuleError::StaleBase { .. } => "stale base version".into(),
+        RuleError::Missing(_) => "object does not exist".into(),
+        RuleError::Exists(_) => "object already exists".into(),
+        RuleError::BadParent {
+            parent,
+            found: None,
+        } => format!("parent folder {parent} does not exist"),
+        RuleError::BadParent {
+            parent,
+            found: Some(kind),
+        } => format!("parent {parent} is a {kind}, not a folder"),
+        RuleError::NameTaken { name, .. } => format!("name {name} is already taken in its folder"),
+        RuleError::Cycle(_) => "the move would put a folder inside itself".into(),
+        RuleError::BrokenPath { .. } => "a folder on the path does not exist".into(),
+        RuleError::TooDeep(_) => "folder chain too deep".into(),
+        RuleError::NotEmpty(_) => "delete of a folder that is not empty".into(),
+        RuleError::NotAFile {
+            kind,
+            op: ContentOp::Write,
+            ..
+        } => format!("write to a {kind}"),
+        RuleError::NotAFile {
+            kind,
+            op: ContentOp::Truncate,
+            ..
+        } => format!("truncate of a {kind}"),
+        RuleError::BaseHash(_) => "the delta's base hash does not match the current content".into(),
+        RuleError::Root { action } => format!("the root folder cannot {action}"),
+        RuleError::FolderLink(_) => "a folder has exactly one name".into(),
+        RuleError::NoSuchName { name, .. } => format!("the object has no name {name} there"),
+        RuleError::LastName(_) => "an object's last name goes with a delete, not an unlink".into(),
+        RuleError::SeveralNames(_) => {
+            "the object has several names: one of them moves by link and unlink".into()
+        }
+    }
 }
 
 #[cfg(test)]

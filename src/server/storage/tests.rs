@@ -225,7 +225,9 @@ fn body(ops: Vec<Op>) -> Vec<u8> {
 
 async fn try_append(s: &Storage, ops: Vec<Op>) -> Result<AppendRecord, ApiError> {
     let key = hex::encode(rand::random::<[u8; 16]>());
-    s.append("u", "dev", &key, body(ops).into()).await
+    s.append("u", "dev", &key, body(ops).into())
+        .await
+        .map_err(ApiError::from)
 }
 
 async fn append(s: &Storage, ops: Vec<Op>) {
@@ -828,5 +830,128 @@ async fn upload_figures() {
         "FIGURES: {mib} MiB new file as {}-MiB Ranges ops, {per_append} op(s) per append: \
          upload {upload:.2?}; 1-byte edit {edit:.2?}",
         step >> 20
+    );
+}
+
+/// Refusals by a tree rule reach HTTP (through `server/api/`) with the words and the status
+/// they had when the storage role wrote them itself: devices log the body, and tell a stale
+/// base (pull, rebase, retry) from any other 409 by its `stale` list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_rule_refusals_keep_their_http_answers() {
+    use crate::server::error::StaleOp;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = storage(dir.path(), 64 << 20);
+    let (d, e, f, g) = (
+        ObjectId([1; 16]),
+        ObjectId([4; 16]),
+        ObjectId([2; 16]),
+        ObjectId([3; 16]),
+    );
+    let n = |s: &str| Name::new(s.as_bytes().to_vec()).expect("name");
+    // `create`'s op, somewhere else.
+    let make = |id, at: ObjectId, name: &str, of: ObjectKind| {
+        let mut o = create(id);
+        if let OpKind::Create {
+            parent,
+            name: nm,
+            kind,
+            ..
+        } = &mut o.kind
+        {
+            (*parent, *nm, *kind) = (at, n(name), of);
+        }
+        o
+    };
+    append(
+        &s,
+        vec![
+            make(d, ObjectId::ROOT, "d", ObjectKind::Directory),
+            make(f, d, "f", ObjectKind::File),
+            make(e, d, "e", ObjectKind::Directory),
+        ],
+    )
+    .await;
+    let refused = |e: ApiError| match e {
+        ApiError::Conflict(m) => m,
+        other => panic!("not a 409 conflict: {other:?}"),
+    };
+    let cases: Vec<(Op, String)> = vec![
+        (
+            make(g, ObjectId::ROOT, "d", ObjectKind::File),
+            format!("transaction 0, object {g}: name d is already taken in its folder"),
+        ),
+        (
+            make(g, ObjectId([9; 16]), "x", ObjectKind::File),
+            format!(
+                "transaction 0, object {g}: parent folder {} does not exist",
+                ObjectId([9; 16])
+            ),
+        ),
+        (
+            make(g, f, "x", ObjectKind::File),
+            format!("transaction 0, object {g}: parent {f} is a file, not a folder"),
+        ),
+        (
+            write(f, 1, b"not it", b"x", Delta::Whole(b"x".to_vec())),
+            format!(
+                "transaction 0, object {f}: the delta's base hash does not match the current \
+                 content"
+            ),
+        ),
+        (
+            write(d, 1, b"", b"x", Delta::Whole(b"x".to_vec())),
+            format!("transaction 0, object {d}: write to a directory"),
+        ),
+        (
+            op(d, 1, OpKind::Delete),
+            format!("transaction 0, object {d}: delete of a folder that is not empty"),
+        ),
+        (
+            op(
+                d,
+                1,
+                OpKind::Rename {
+                    new_parent: e,
+                    new_name: n("d"),
+                },
+            ),
+            format!("transaction 0, object {d}: the move would put a folder inside itself"),
+        ),
+        (
+            op(
+                f,
+                1,
+                OpKind::Unlink {
+                    parent: d,
+                    name: n("f"),
+                },
+            ),
+            format!(
+                "transaction 0, object {f}: an object's last name goes with a delete, not an \
+                 unlink"
+            ),
+        ),
+    ];
+    for (o, want) in cases {
+        let e = try_append(&s, vec![o]).await.expect_err("refused");
+        assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+        assert_eq!(refused(e), want);
+    }
+    // A stale base: its own 409, with the list of stale ops.
+    let e = try_append(&s, vec![truncate(f, 4, b"")])
+        .await
+        .expect_err("stale");
+    assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+    assert_eq!(e.to_string(), "stale base version");
+    let ApiError::Stale(ops) = e else {
+        panic!("not a stale-base answer: {e:?}")
+    };
+    assert_eq!(
+        ops,
+        [StaleOp {
+            object: f.to_hex(),
+            expected: 4,
+            current: 1
+        }]
     );
 }
