@@ -226,7 +226,9 @@ enum Request {
     LongPoll,
 }
 
-/// The sync engine of one device.
+/// The sync engine of one device. A clone is a snapshot: the sync driver tries a step on
+/// one and keeps the original when the step's applies need content staged first.
+#[derive(Clone)]
 pub struct Engine {
     config: EngineConfig,
     server: Tree,
