@@ -98,11 +98,14 @@ pub struct AppendResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogPage {
     pub head: u64,
-    pub entries: Vec<(u64, Vec<u8>)>,
+    /// Each entry is a slice of the answer's one buffer (no copy).
+    pub entries: Vec<(u64, bytes::Bytes)>,
 }
 
-/// Splits the binary framing of `GET /v1/log` (u64 BE seq, u32 BE len, bytes; repeated).
-pub fn parse_log_frames(mut b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+/// Splits the binary framing of `GET /v1/log` (u64 BE seq, u32 BE len, bytes; repeated)
+/// into slices of `body`.
+pub fn parse_log_frames(body: &bytes::Bytes) -> Result<Vec<(u64, bytes::Bytes)>, ClientError> {
+    let mut b: &[u8] = body;
     let mut out = Vec::new();
     while !b.is_empty() {
         if b.len() < 12 {
@@ -122,7 +125,8 @@ pub fn parse_log_frames(mut b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ClientError
         if b.len() < len {
             return Err(ClientError::Decode("truncated log frame".into()));
         }
-        out.push((seq, b[..len].to_vec()));
+        let at = body.len() - b.len();
+        out.push((seq, body.slice(at..at + len)));
         b = &b[len..];
     }
     Ok(out)

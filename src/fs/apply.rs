@@ -112,8 +112,8 @@ pub struct ContentNeed {
     pub size: u64,
     /// The version to fetch whole (`GET /v1/objects/{id}/content?version=V`).
     pub version: Version,
-    /// Ops that build it from the local content (`None`: fetch it whole).
-    pub ops: Option<Vec<OpKind>>,
+    /// Built by the apply's ops over the local content (else fetched whole).
+    pub from_delta: bool,
     /// The inode whose content is the ops' base, if the object is here.
     pub base_ino: Option<u64>,
     /// The ops came from a light pull: their delta bytes must be read from the log first.
@@ -837,14 +837,14 @@ impl FsCore {
                 None => false,
             };
             let base_size = base.as_ref().map_or(0, |i| i.size);
-            let ops = match content {
-                ContentSource::Ops(ops) if !base_absent => {
+            let from_delta = match content {
+                ContentSource::Ops(_) if !base_absent => {
                     if !light && state.size.max(base_size) < STAGE_FROM {
                         continue;
                     }
-                    Some(ops.clone())
+                    true
                 }
-                _ => None,
+                _ => false,
             };
             out.push(ContentNeed {
                 object: state.id,
@@ -852,8 +852,8 @@ impl FsCore {
                 hash: state.hash,
                 size: state.size,
                 version: state.content_version,
-                light: light && ops.is_some(),
-                ops,
+                light: light && from_delta,
+                from_delta,
                 base_ino: base.map(|i| i.ino),
             });
         }

@@ -53,6 +53,8 @@ const LONG_POLL: Duration = Duration::from_secs(25);
 /// Times a pulled page is tried on a snapshot and its content staged before it is given up
 /// (and pulled again after the engine's back-off).
 const STAGE_ROUNDS: usize = 3;
+/// How long a device whose disk cannot hold a remote file waits before pulling it again.
+const SPACE_RETRY: Duration = Duration::from_secs(15);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -628,12 +630,12 @@ impl Driver {
 }
 
 /// The ops building the new content of `object` in `a`.
-fn ops_of(a: &crate::engine::LocalApply, object: ObjectId) -> Option<Vec<OpKind>> {
+fn ops_of(a: &crate::engine::LocalApply, object: ObjectId) -> Option<Vec<&OpKind>> {
     a.local_changes.iter().find_map(|c| match c {
         crate::engine::LocalChange::Put {
             state,
             content: crate::engine::ContentSource::Ops(ops),
-        } if state.id == object => Some(ops.clone()),
+        } if state.id == object => Some(ops.iter().collect()),
         _ => None,
     })
 }
@@ -691,7 +693,7 @@ impl Driver {
         }
         if !deferred.is_empty() {
             // The engine was rebuilt and pulls again: the content is here by then.
-            let _ = self.stage_all(deferred).await;
+            let _ = self.stage_all(deferred, &[]).await;
         }
         self.save_report();
         actions
@@ -720,8 +722,14 @@ impl Driver {
         })
     }
 
-    /// Phase one: stages every need, with no lock held. Updates the report.
-    async fn stage_all(&self, list: Needs) -> Result<(), stage::StageError> {
+    /// Phase one: stages every need, with no lock held. Updates the report. The delta bytes
+    /// of an apply come from `pulled` (the entries it was planned from, when its plan was
+    /// made on light copies), else from the apply itself, else from the server's log.
+    async fn stage_all(
+        &self,
+        list: Needs,
+        pulled: &[(u64, Transaction)],
+    ) -> Result<(), stage::StageError> {
         let stager = stage::Stager {
             client: &self.client,
             store: &self.shared.store,
@@ -744,13 +752,24 @@ impl Driver {
                 if self.staged.lock().contains_key(&n.hash) {
                     continue;
                 }
-                let ops = if n.light {
-                    full.as_ref().and_then(|f| ops_of(f, n.object))
-                } else {
-                    n.ops.clone()
+                let entry = pulled.iter().find(|(s, _)| *s == a.cursor).map(|(_, t)| t);
+                let ops = match (n.from_delta, n.light, entry) {
+                    (false, _, _) => None,
+                    (true, true, _) => full.as_ref().and_then(|f| ops_of(f, n.object)),
+                    (true, false, Some(tx)) => Some(
+                        tx.ops
+                            .iter()
+                            .filter(|op| op.object == n.object)
+                            .filter(|op| {
+                                matches!(op.kind, OpKind::Write { .. } | OpKind::Truncate { .. })
+                            })
+                            .map(|op| &op.kind)
+                            .collect(),
+                    ),
+                    (true, false, None) => ops_of(&a, n.object),
                 };
                 let started = std::time::Instant::now();
-                match stager.stage(n, ops.as_deref()).await {
+                match stager.stage(n, ops).await {
                     Ok(file) => {
                         tracing::debug!(
                             "staged {:?} ({} bytes) in {:.1} ms",
@@ -802,7 +821,6 @@ impl Driver {
         deferred: &mut Needs,
     ) {
         let device = e.device().to_string();
-        let handle = tokio::runtime::Handle::current();
         let started = std::time::Instant::now();
         let staged = self.staged.lock();
         match guard.content_needs(a, &staged) {
@@ -864,15 +882,20 @@ impl Driver {
                     Some(format!("applying remote change {}: {err}", a.cursor));
                 self.shared.recover(e, "an apply failed");
                 // Give the disk or the network a moment before pulling it again.
-                e.handle_connectivity(now_ms(), false);
-                let shared = Arc::clone(&self.shared);
-                handle.spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    shared.engine.lock().handle_connectivity(now_ms(), true);
-                    shared.wake.notify_one();
-                });
+                self.pause(e, Duration::from_secs(5));
             }
         }
+    }
+
+    /// Keeps the engine offline for `d` (no request goes out), then online again.
+    fn pause(&self, e: &mut Engine, d: Duration) {
+        e.handle_connectivity(now_ms(), false);
+        let shared = Arc::clone(&self.shared);
+        tokio::runtime::Handle::current().spawn(async move {
+            tokio::time::sleep(d).await;
+            shared.engine.lock().handle_connectivity(now_ms(), true);
+            shared.wake.notify_one();
+        });
     }
 
     /// Feeds a request's outcome to the engine.
@@ -940,16 +963,33 @@ impl Driver {
                 };
                 // Phase one: the content these entries need, staged with no lock held.
                 let mut rounds = 0;
-                while seal {
-                    let needs = self.needs_of(seal, |e| pulled(e, entries.clone()));
+                while seal && rounds <= STAGE_ROUNDS {
+                    // The engine plans without delta bytes (hashes and sizes decide): the try
+                    // gets light copies, staging reads the bytes from `entries`.
+                    let needs = self.needs_of(seal, |e| {
+                        pulled(e, entries.iter().map(|(s, t)| (*s, strip(t))).collect())
+                    });
                     if needs.is_empty() {
                         break;
                     }
                     rounds += 1;
-                    if rounds > STAGE_ROUNDS || self.stage_all(needs).await.is_err() {
-                        // Pulled again after the engine's back-off.
+                    let staged = if rounds > STAGE_ROUNDS {
+                        // Still missing after every round: the plan keeps changing.
+                        Ok(())
+                    } else {
+                        self.stage_all(needs, &entries).await
+                    };
+                    if rounds > STAGE_ROUNDS || staged.is_err() {
+                        let no_space = matches!(staged, Err(stage::StageError::NoSpace { .. }));
+                        // Pulled again after the engine's back-off; a disk too full to
+                        // receive waits longer (each try pulls the entries again).
                         return self
-                            .step(false, |e| e.handle_request_failed(now_ms(), request))
+                            .step(false, |e| {
+                                e.handle_request_failed(now_ms(), request);
+                                if no_space {
+                                    self.pause(e, SPACE_RETRY);
+                                }
+                            })
                             .await;
                     }
                 }

@@ -95,7 +95,7 @@ impl Stager<'_> {
     pub async fn stage(
         &self,
         need: &ContentNeed,
-        ops: Option<&[OpKind]>,
+        ops: Option<Vec<&OpKind>>,
     ) -> Result<StagedFile, StageError> {
         let name = String::from_utf8_lossy(&need.name).into_owned();
         let io = |source| StageError::Io {
@@ -111,7 +111,7 @@ impl Stager<'_> {
         let path = dir.join(hex_of(&need.hash));
         let free = free_bytes(&dir).map_err(io)?;
         let largest = ops
-            .into_iter()
+            .iter()
             .flatten()
             .filter_map(|op| match op {
                 OpKind::Write { new_size, .. } | OpKind::Truncate { new_size, .. } => {
@@ -129,7 +129,7 @@ impl Stager<'_> {
         }
         let part = dir.join(format!("{}.part", hex_of(&need.hash)));
         if let Some(ops) = ops {
-            let built = tokio::task::block_in_place(|| self.build(need, ops, &part));
+            let built = tokio::task::block_in_place(|| self.build(need, &ops, &part));
             match built {
                 Ok(()) => {
                     if let Some(f) =
@@ -195,7 +195,7 @@ impl Stager<'_> {
     }
 
     /// Writes into `part` the local base of `ops` and applies them in place.
-    fn build(&self, need: &ContentNeed, ops: &[OpKind], part: &Path) -> std::io::Result<()> {
+    fn build(&self, need: &ContentNeed, ops: &[&OpKind], part: &Path) -> std::io::Result<()> {
         let empty = *blake3::hash(&[]).as_bytes();
         let base_hash = ops.iter().find_map(|op| match op {
             OpKind::Write { base_hash, .. } => Some(*base_hash),
@@ -216,10 +216,7 @@ impl Stager<'_> {
             .open(part)?;
         if let Some(base) = base {
             match File::open(&base) {
-                // The kernel copies (copy_file_range): the base never passes through memory.
-                Ok(mut b) => {
-                    std::io::copy(&mut b, &mut out)?;
-                }
+                Ok(b) => copy_sparse(&b, &out)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
@@ -277,6 +274,61 @@ impl Stager<'_> {
         }
         Ok(())
     }
+}
+
+/// Copies `src` into the empty `dst`, only its data: holes stay holes. The kernel copies
+/// (`copy_file_range`), so the bytes never pass through this process's memory.
+fn copy_sparse(src: &File, dst: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = src.metadata()?.len();
+    let (fi, fo) = (src.as_raw_fd(), dst.as_raw_fd());
+    let last = std::io::Error::last_os_error;
+    let mut off: i64 = 0;
+    while (off as u64) < len {
+        // SAFETY: lseek on a descriptor `src` keeps open for the call.
+        let data = unsafe { libc::lseek(fi, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = last();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(last());
+        }
+        let (mut i, mut o) = (data, data);
+        while i < hole {
+            // SAFETY: both descriptors are open; the offsets are valid pointers for the call.
+            let n =
+                unsafe { libc::copy_file_range(fi, &mut i, fo, &mut o, (hole - i) as usize, 0) };
+            if n < 0 {
+                let e = last();
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) {
+                    return Err(e);
+                }
+                // No kernel copy here: through a buffer, 1 MiB at a time.
+                let mut buf = vec![0u8; LEAF_LEN as usize];
+                while i < hole {
+                    let n = ((hole - i) as usize).min(buf.len());
+                    src.read_exact_at(&mut buf[..n], i as u64)?;
+                    dst.write_all_at(&buf[..n], i as u64)?;
+                    i += n as i64;
+                }
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        off = hole;
+    }
+    dst.set_len(len)
 }
 
 /// Checks `part` against the need's size and hash (leaves and signature computed on the
