@@ -362,7 +362,18 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| ClientError::Decode("missing Deltadrive-Head header".into()))?;
-        let bytes = resp.bytes().await?;
+        // Read into one buffer of the announced size: growing one by doubling would hold up
+        // to three times a page of tens of MiB at once.
+        let mut buf = bytes::BytesMut::with_capacity(
+            resp.content_length()
+                .unwrap_or(0)
+                .min(crate::changelog::limits::MAX_BODY_LEN) as usize,
+        );
+        let mut resp = resp;
+        while let Some(chunk) = resp.chunk().await? {
+            buf.extend_from_slice(&chunk);
+        }
+        let bytes = buf.freeze();
         Ok(LogPage {
             head,
             entries: parse_log_frames(&bytes)?,
