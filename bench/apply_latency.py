@@ -171,7 +171,7 @@ def measure(bin_: str, mib: int, rate_mib: float, work: Path, rss: bool) -> dict
             w.join()
         out = {"received_s": round(received, 1)}
         if lat:
-            q = statistics.quantiles(lat, n=100)
+            q = statistics.quantiles(lat, n=100, method="inclusive")
             out.update(
                 writes=len(lat), p50_ms=round(statistics.median(lat), 1),
                 p99_ms=round(q[98], 1), max_ms=round(max(lat), 1),

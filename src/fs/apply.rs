@@ -81,6 +81,9 @@ pub struct Applied {
     pub invalidations: Vec<Invalidation>,
     /// Conflicted copies made by this apply (their names).
     pub conflicted: Vec<Vec<u8>>,
+    /// Replaced content files, no longer named by anything: the caller removes them after
+    /// releasing the lock (unlinking a big file takes time).
+    pub to_remove: Vec<PathBuf>,
 }
 
 /// Files from this size on are never built in memory under the lock: their new content is
@@ -767,7 +770,7 @@ impl FsCore {
         }
         for e in &swapped {
             if let Some(k) = &e.kept {
-                let _ = std::fs::remove_file(k);
+                out.to_remove.push(k.clone());
             }
         }
         for s in &staged {

@@ -278,6 +278,7 @@ impl Syncer {
                         invalidate,
                         before_apply,
                         staged: Mutex::new(StagedContent::new()),
+                        to_remove: Mutex::new(Vec::new()),
                     };
                     rt.block_on(driver.run());
                 })?
@@ -374,6 +375,8 @@ struct Driver {
     before_apply: Option<BeforeApply>,
     /// Content staged for applies (phase one), by hash.
     staged: Mutex<StagedContent>,
+    /// Replaced content files to remove once the lock is released.
+    to_remove: Mutex<Vec<std::path::PathBuf>>,
 }
 
 /// Applies whose content must be staged first, with what each needs.
@@ -686,6 +689,9 @@ impl Driver {
         if !invalidations.is_empty() {
             (self.invalidate)(&invalidations);
         }
+        for p in std::mem::take(&mut *self.to_remove.lock()) {
+            let _ = std::fs::remove_file(p);
+        }
         if drop_staged {
             for (_, f) in self.staged.lock().drain() {
                 let _ = std::fs::remove_file(&f.path);
@@ -850,6 +856,7 @@ impl Driver {
                     started.elapsed().as_secs_f64() * 1e3
                 );
                 inval.extend(applied.invalidations);
+                self.to_remove.lock().extend(applied.to_remove);
                 if !applied.conflicted.is_empty() {
                     let mut r = self.shared.report.lock();
                     let mut names = Vec::new();
