@@ -376,6 +376,9 @@ struct StatusReport {
     /// The last server sequence applied on this device.
     cursor: u64,
     last_error: Option<String>,
+    /// Remote content this device cannot receive yet, and why (not enough free disk space);
+    /// retried until it fits.
+    waiting: Option<String>,
     /// Local and online-only files (files on demand; null on other mounts).
     content: Option<crate::fs::ondemand::ContentCounts>,
     /// Bytes of online-only content fetched since the mount started.
@@ -473,6 +476,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             .collect(),
         cursor: sync_report.cursor,
         last_error: sync_report.last_error.clone(),
+        waiting: sync_report.waiting.clone(),
         content,
         fetched_bytes: sync_report.fetched_bytes,
         set_aside: if rec.is_some() || watching.is_some() {
@@ -548,6 +552,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(e) = &report.last_error {
         println!("last error:      {e}");
+    }
+    if let Some(w) = &report.waiting {
+        println!("waiting:         {w}");
     }
     if !report.set_aside.is_empty() {
         println!(

@@ -3,7 +3,10 @@
 //! `H/device.json` (mode 0600).
 //!
 //! What always holds: every non-2xx answer becomes a [`ClientError::Api`] carrying the status
-//! and the server's one-line message; TLS uses rustls with the ring provider.
+//! and the server's one-line message; TLS uses rustls with the ring provider. No request can
+//! hang on a stalled connection: every read waits at most [`READ_TIMEOUT`] for the next bytes
+//! (the long poll, which is silent by design, has its own client and a total timeout), and
+//! every request has a total timeout sized to what it carries.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +16,20 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::home::Home;
+
+/// Longest wait for the next bytes of an answer: a stalled connection fails after this and
+/// the caller retries on a new one.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Total time of a request that carries little (JSON, small pages).
+const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// The slowest transfer rate a sized request is given time for (total timeouts of appends,
+/// log pages and content: 120 s plus the bytes at this rate).
+const MIN_RATE: u64 = 256 << 10;
+
+/// Total timeout of a request moving `bytes`.
+pub fn sized_timeout(bytes: u64) -> Duration {
+    SMALL_REQUEST_TIMEOUT + Duration::from_secs(bytes / MIN_RATE)
+}
 
 /// Failures talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +47,9 @@ pub enum ClientError {
     Decode(String),
     #[error("{0}")]
     Config(String),
+    /// Writing fetched content to a local file failed.
+    #[error("writing fetched content: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl ClientError {
@@ -78,11 +98,14 @@ pub struct AppendResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogPage {
     pub head: u64,
-    pub entries: Vec<(u64, Vec<u8>)>,
+    /// Each entry is a slice of the answer's one buffer (no copy).
+    pub entries: Vec<(u64, bytes::Bytes)>,
 }
 
-/// Splits the binary framing of `GET /v1/log` (u64 BE seq, u32 BE len, bytes; repeated).
-pub fn parse_log_frames(mut b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+/// Splits the binary framing of `GET /v1/log` (u64 BE seq, u32 BE len, bytes; repeated)
+/// into slices of `body`.
+pub fn parse_log_frames(body: &bytes::Bytes) -> Result<Vec<(u64, bytes::Bytes)>, ClientError> {
+    let mut b: &[u8] = body;
     let mut out = Vec::new();
     while !b.is_empty() {
         if b.len() < 12 {
@@ -102,7 +125,8 @@ pub fn parse_log_frames(mut b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ClientError
         if b.len() < len {
             return Err(ClientError::Decode("truncated log frame".into()));
         }
-        out.push((seq, b[..len].to_vec()));
+        let at = body.len() - b.len();
+        out.push((seq, body.slice(at..at + len)));
         b = &b[len..];
     }
     Ok(out)
@@ -114,6 +138,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// For the long poll only: no read timeout (it is silent until the head moves).
+    http_wait: reqwest::Client,
 }
 
 impl Client {
@@ -127,9 +153,13 @@ impl Client {
         ca_cert: Option<&Path>,
     ) -> Result<Client, ClientError> {
         crate::server::install_crypto_provider();
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(60));
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .pool_idle_timeout(Duration::from_secs(60))
+        };
+        let mut b = builder().read_timeout(READ_TIMEOUT);
+        let mut w = builder();
         if let Some(ca) = ca_cert {
             let pem = std::fs::read(ca)
                 .map_err(|e| ClientError::Config(format!("cannot read {}: {e}", ca.display())))?;
@@ -137,13 +167,15 @@ impl Client {
                 ClientError::Config(format!("bad CA certificate {}: {e}", ca.display()))
             })?;
             for c in certs {
-                b = b.add_root_certificate(c);
+                b = b.add_root_certificate(c.clone());
+                w = w.add_root_certificate(c);
             }
         }
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             http: b.build()?,
+            http_wait: w.build()?,
         })
     }
 
@@ -153,6 +185,7 @@ impl Client {
             base: self.base.clone(),
             token: Some(token.into()),
             http: self.http.clone(),
+            http_wait: self.http_wait.clone(),
         }
     }
 
@@ -160,8 +193,16 @@ impl Client {
         &self.base
     }
 
+    /// A request with the default total timeout (callers moving many bytes replace it).
     fn req(&self, method: Method, path: &str) -> RequestBuilder {
-        let r = self.http.request(method, format!("{}{}", self.base, path));
+        let r = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .timeout(SMALL_REQUEST_TIMEOUT);
+        self.auth(r)
+    }
+
+    fn auth(&self, r: RequestBuilder) -> RequestBuilder {
         match &self.token {
             Some(t) => r.bearer_auth(t),
             None => r,
@@ -283,6 +324,7 @@ impl Client {
     ) -> Result<AppendResult, ClientError> {
         Self::json(
             self.req(Method::POST, "/v1/log")
+                .timeout(sized_timeout(encoded.len() as u64))
                 .header("idempotency-key", idempotency_key)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(encoded),
@@ -308,6 +350,8 @@ impl Client {
                 Method::GET,
                 &format!("/v1/log?after={after}&limit={limit}&light={light}"),
             )
+            // A page holds at most 64 MiB of stored bytes (the server's light page bound).
+            .timeout(sized_timeout(64 << 20))
             .send()
             .await?,
         )
@@ -318,7 +362,18 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| ClientError::Decode("missing Deltadrive-Head header".into()))?;
-        let bytes = resp.bytes().await?;
+        // Read into one buffer of the announced size: growing one by doubling would hold up
+        // to three times a page of tens of MiB at once.
+        let mut buf = bytes::BytesMut::with_capacity(
+            resp.content_length()
+                .unwrap_or(0)
+                .min(crate::changelog::limits::MAX_BODY_LEN) as usize,
+        );
+        let mut resp = resp;
+        while let Some(chunk) = resp.chunk().await? {
+            buf.extend_from_slice(&chunk);
+        }
+        let bytes = buf.freeze();
         Ok(LogPage {
             head,
             entries: parse_log_frames(&bytes)?,
@@ -332,14 +387,11 @@ impl Client {
             head: u64,
         }
         let ms = timeout.as_millis();
-        let h: Head = Self::json(
-            self.req(
-                Method::GET,
-                &format!("/v1/log/wait?after={after}&timeout_ms={ms}"),
-            )
-            .timeout(timeout + Duration::from_secs(30)),
-        )
-        .await?;
+        let r = self.http_wait.get(format!(
+            "{}/v1/log/wait?after={after}&timeout_ms={ms}",
+            self.base
+        ));
+        let h: Head = Self::json(self.auth(r).timeout(timeout + Duration::from_secs(30))).await?;
         Ok(h.head)
     }
 
@@ -360,10 +412,60 @@ impl Client {
         }
         let mut r = self.req(Method::GET, &path);
         if let Some((a, b)) = range {
-            r = r.header(reqwest::header::RANGE, format!("bytes={a}-{b}"));
+            r = r
+                .header(reqwest::header::RANGE, format!("bytes={a}-{b}"))
+                .timeout(sized_timeout(b.saturating_sub(a) + 1));
+        } else {
+            r = r.timeout(sized_timeout(crate::changelog::limits::MAX_DELTA_LEN));
         }
         let resp = Self::check(r.send().await?).await?;
         Ok(resp.bytes().await?.to_vec())
+    }
+
+    /// Streams the content of `object_hex` at `version`, which must be `len` bytes, to
+    /// `sink` chunk by chunk as it arrives (never held whole). The length is checked against
+    /// the answer's `Content-Length` before any byte is read and against what arrives.
+    ///
+    /// # Errors
+    /// Transport errors (including the read and total timeouts), a non-2xx answer, a length
+    /// other than `len` ([`ClientError::Decode`]), or the sink's error.
+    pub async fn content_to(
+        &self,
+        object_hex: &str,
+        version: u64,
+        len: u64,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, ClientError> {
+        let r = self
+            .req(
+                Method::GET,
+                &format!("/v1/objects/{object_hex}/content?version={version}"),
+            )
+            .timeout(sized_timeout(len));
+        let mut resp = Self::check(r.send().await?).await?;
+        if let Some(declared) = resp.content_length() {
+            if declared != len {
+                return Err(ClientError::Decode(format!(
+                    "the server sends {declared} bytes of content where the change says {len}"
+                )));
+            }
+        }
+        let mut got = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            got += chunk.len() as u64;
+            if got > len {
+                return Err(ClientError::Decode(format!(
+                    "the server sends more than the {len} bytes the change says"
+                )));
+            }
+            sink(&chunk)?;
+        }
+        if got != len {
+            return Err(ClientError::Decode(format!(
+                "the content ended after {got} of {len} bytes"
+            )));
+        }
+        Ok(got)
     }
 
     pub async fn history(&self, object_hex: &str) -> Result<serde_json::Value, ClientError> {

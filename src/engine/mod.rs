@@ -191,6 +191,54 @@ pub struct LocalApply {
     pub heal: bool,
 }
 
+impl LocalApply {
+    /// The same apply without the delta bytes of its transaction and its ops (hashes and
+    /// sizes kept): what the engine keeps to heal it, never tens of MiB.
+    pub fn without_payloads(&self) -> LocalApply {
+        let strip_ops = |ops: &[OpKind]| -> Vec<OpKind> {
+            ops.iter()
+                .map(|k| match k {
+                    OpKind::Write {
+                        base_hash,
+                        new_hash,
+                        new_size,
+                        ..
+                    } => OpKind::Write {
+                        base_hash: *base_hash,
+                        new_hash: *new_hash,
+                        new_size: *new_size,
+                        delta: crate::changelog::Delta::Whole(Vec::new()),
+                    },
+                    other => other.clone(),
+                })
+                .collect()
+        };
+        LocalApply {
+            cursor: self.cursor,
+            transaction: crate::changelog::payload::strip(&self.transaction),
+            server_changes: self.server_changes.clone(),
+            copies: self.copies.clone(),
+            local_changes: self
+                .local_changes
+                .iter()
+                .map(|c| match c {
+                    LocalChange::Put {
+                        state,
+                        content: ContentSource::Ops(ops),
+                    } => LocalChange::Put {
+                        state: state.clone(),
+                        content: ContentSource::Ops(strip_ops(ops)),
+                    },
+                    other => other.clone(),
+                })
+                .collect(),
+            acknowledged: self.acknowledged.clone(),
+            outbox: self.outbox.clone(),
+            heal: self.heal,
+        }
+    }
+}
+
 /// What the engine asks the I/O side to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
@@ -226,7 +274,9 @@ enum Request {
     LongPoll,
 }
 
-/// The sync engine of one device.
+/// The sync engine of one device. A clone is a snapshot: the sync driver tries a step on
+/// one and keeps the original when the step's applies need content staged first.
+#[derive(Clone)]
 pub struct Engine {
     config: EngineConfig,
     server: Tree,
@@ -359,7 +409,9 @@ impl Engine {
     pub fn poll_action(&mut self) -> Option<Action> {
         let action = self.actions.pop_front()?;
         if let Action::Apply(apply) = &action {
-            self.last_apply = Some((**apply).clone());
+            // Kept for a heal, which fetches every changed content whole: without the ops'
+            // delta bytes (they can be tens of MiB).
+            self.last_apply = Some(apply.without_payloads());
         }
         Some(action)
     }

@@ -1,6 +1,14 @@
 //! Applying one remote transaction to the mounted tree: the adapter between the sync
 //! engine's [`LocalApply`] and the store.
 //!
+//! An apply runs in two phases (decision 0017). Phase one, outside every lock, is the sync
+//! driver's: it asks [`FsCore::content_needs`] which new content cannot be built here from
+//! local bytes cheaply (content to fetch, deltas of big files, delta bytes a light pull left
+//! out) and stages each on disk, named by its hash ([`StagedContent`]). Phase two is
+//! [`FsCore::apply_remote`], under the metadata lock: it only checks, journals, swaps
+//! (staged files are linked into place, never copied through memory) and commits. It never
+//! touches the network; content it needs that was not staged fails the apply unchanged.
+//!
 //! What always holds:
 //! - All or nothing. New content is built and checked in staging files first; then a
 //!   journal (fsynced) names each content file about to be replaced; then the files are
@@ -73,11 +81,47 @@ pub struct Applied {
     pub invalidations: Vec<Invalidation>,
     /// Conflicted copies made by this apply (their names).
     pub conflicted: Vec<Vec<u8>>,
+    /// Replaced content files, no longer named by anything: the caller removes them after
+    /// releasing the lock (unlinking a big file takes time).
+    pub to_remove: Vec<PathBuf>,
 }
 
-/// Fetches `GET /v1/objects/{id}/content?version=V` (the caller checks nothing: the apply
-/// checks the hash).
-pub type Fetcher<'a> = dyn FnMut(ObjectId, Version) -> Result<Vec<u8>, String> + 'a;
+/// Files from this size on are never built in memory under the lock: their new content is
+/// staged by the driver first.
+pub const STAGE_FROM: u64 = 1 << 20;
+
+/// New content staged on disk by phase one, already checked against its hash.
+#[derive(Debug)]
+pub struct StagedFile {
+    /// The file, on the same file system as the content files (it is linked into place).
+    pub path: PathBuf,
+    pub size: u64,
+    /// The content's 1 MiB leaf hashes (the capture layer's previous state).
+    pub leaves: LeafHashes,
+    /// Its rsync signature, for content over [`delta::strategy::SMALL_FILE_MAX`].
+    pub signature: Option<BlockSignature>,
+}
+
+/// Staged content by content hash (content of a hash is the same whatever object has it).
+pub type StagedContent = HashMap<ContentHash, StagedFile>;
+
+/// New content an apply needs staged before it can run under the lock.
+#[derive(Clone, Debug)]
+pub struct ContentNeed {
+    pub object: ObjectId,
+    /// The file's name, for messages.
+    pub name: Vec<u8>,
+    pub hash: ContentHash,
+    pub size: u64,
+    /// The version to fetch whole (`GET /v1/objects/{id}/content?version=V`).
+    pub version: Version,
+    /// Built by the apply's ops over the local content (else fetched whole).
+    pub from_delta: bool,
+    /// The inode whose content is the ops' base, if the object is here.
+    pub base_ino: Option<u64>,
+    /// The ops came from a light pull: their delta bytes must be read from the log first.
+    pub light: bool,
+}
 
 fn file_kind(k: &ObjectKind) -> FileKind {
     match k {
@@ -150,10 +194,35 @@ fn apply_ops(object: ObjectId, mut content: Vec<u8>, ops: &[OpKind]) -> Result<V
     Ok(content)
 }
 
+/// New content of one file in an apply.
+enum NewContent {
+    /// Built under the lock (small files, conflicted copies).
+    Bytes(Vec<u8>),
+    /// Staged on disk by phase one.
+    File(PathBuf),
+}
+
 struct Staged {
     ino: u64,
     object: ObjectId,
-    content: Vec<u8>,
+    content: NewContent,
+    leaves: LeafHashes,
+    signature: Option<BlockSignature>,
+}
+
+impl Staged {
+    fn bytes(ino: u64, object: ObjectId, content: Vec<u8>) -> Staged {
+        let leaves = LeafHashes::of(&content);
+        let signature = (content.len() as u64 > delta::strategy::SMALL_FILE_MAX)
+            .then(|| BlockSignature::calculate(&content));
+        Staged {
+            ino,
+            object,
+            content: NewContent::Bytes(content),
+            leaves,
+            signature,
+        }
+    }
 }
 
 impl FsCore {
@@ -167,7 +236,7 @@ impl FsCore {
         a: &LocalApply,
         device: &str,
         now_ms: i64,
-        fetch: &mut Fetcher<'_>,
+        staged_content: &StagedContent,
     ) -> Result<Applied, ApplyError> {
         let store = &*self.store;
         let mut out = Applied::default();
@@ -260,8 +329,28 @@ impl FsCore {
                 ContentSource::Ops(_) if base_absent => &fetch_whole,
                 other => other,
             };
+            if let Some(f) = staged_content
+                .get(&state.hash)
+                .filter(|f| f.size == state.size && f.path.exists())
+            {
+                staged.push(Staged {
+                    ino,
+                    object: state.id,
+                    content: NewContent::File(f.path.clone()),
+                    leaves: f.leaves.clone(),
+                    signature: f.signature.clone(),
+                });
+                continue;
+            }
+            let unstaged = |reason: &str| ApplyError::Fetch {
+                object: state.id,
+                reason: format!("{reason}: its content was not staged"),
+            };
             let bytes = match content {
                 ContentSource::Unchanged => continue,
+                ContentSource::Ops(_) if self.options.on_demand.is_some() => {
+                    return Err(unstaged("a light pull carries no delta bytes"));
+                }
                 ContentSource::Ops(ops) => {
                     let base = match base {
                         Some((base_ino, size)) => {
@@ -274,21 +363,12 @@ impl FsCore {
                         reason,
                     })?
                 }
-                ContentSource::Fetch { version, hash } => {
-                    let bytes = fetch(state.id, *version).map_err(|reason| ApplyError::Fetch {
-                        object: state.id,
-                        reason,
-                    })?;
-                    check_hash(state.id, &bytes, hash)?;
-                    bytes
+                ContentSource::Fetch { .. } => {
+                    return Err(unstaged("it comes from the server"));
                 }
             };
             check_hash(state.id, &bytes, &state.hash)?;
-            staged.push(Staged {
-                ino,
-                object: state.id,
-                content: bytes,
-            });
+            staged.push(Staged::bytes(ino, state.id, bytes));
         }
 
         // 3. Metadata: removals, then moves and new objects, in one batch.
@@ -517,11 +597,7 @@ impl FsCore {
             if c.target.id != c.source {
                 out.conflicted.push(c.target.name.0.clone());
             }
-            staged.push(Staged {
-                ino: i.ino,
-                object: st.id,
-                content,
-            });
+            staged.push(Staged::bytes(i.ino, st.id, content));
             inodes.insert(i.ino, i);
             copy_txs.push(tx);
         }
@@ -599,11 +675,10 @@ impl FsCore {
         }
         for s in &staged {
             self.capture.forget(s.ino);
-            b.put_leaves(&s.object, &LeafHashes::of(&s.content).encode());
-            if s.content.len() as u64 > delta::strategy::SMALL_FILE_MAX {
-                b.put_signature(&s.object, &BlockSignature::calculate(&s.content).to_bytes());
-            } else {
-                b.delete_signature(&s.object);
+            b.put_leaves(&s.object, &s.leaves.encode());
+            match &s.signature {
+                Some(sig) => b.put_signature(&s.object, &sig.to_bytes()),
+                None => b.delete_signature(&s.object),
             }
         }
 
@@ -676,7 +751,14 @@ impl FsCore {
         }
         for e in &swapped {
             if let Some(k) = &e.kept {
-                let _ = std::fs::remove_file(k);
+                out.to_remove.push(k.clone());
+            }
+        }
+        for s in &staged {
+            // The staged file is linked into place: its staging name must go, so that the
+            // content file is no longer reachable under a hash its writes will change.
+            if let NewContent::File(p) = &s.content {
+                let _ = std::fs::remove_file(p);
             }
         }
         for ino in delete_content {
@@ -702,6 +784,63 @@ impl FsCore {
             }
         }
         out.copies = copy_txs;
+        Ok(out)
+    }
+
+    /// Phase one's list: the new content of `a` that must be staged before it can apply
+    /// under the lock (see the module docs), leaving out what `staged` holds already.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub(crate) fn content_needs(
+        &self,
+        a: &LocalApply,
+        staged: &StagedContent,
+    ) -> Result<Vec<ContentNeed>, ApplyError> {
+        let store = &*self.store;
+        let light = self.options.on_demand.is_some();
+        let mut out = Vec::new();
+        for ch in &a.local_changes {
+            let LocalChange::Put { state, content } = ch else {
+                continue;
+            };
+            if !state.is_file()
+                || *content == ContentSource::Unchanged
+                || staged.contains_key(&state.hash)
+                || out.iter().any(|n: &ContentNeed| n.hash == state.hash)
+                || self.keeps_online_only(a, state)?
+            {
+                continue;
+            }
+            let base = match store.ino_of_object(&state.id)? {
+                Some(ino) => store.get_inode(ino)?.filter(|i| i.object == state.id),
+                None => None,
+            };
+            let base_absent = match &base {
+                Some(i) => store.absent(i.ino)?.is_some(),
+                None => false,
+            };
+            let base_size = base.as_ref().map_or(0, |i| i.size);
+            let from_delta = match content {
+                ContentSource::Ops(_) if !base_absent => {
+                    if !light && state.size.max(base_size) < STAGE_FROM {
+                        continue;
+                    }
+                    true
+                }
+                _ => false,
+            };
+            out.push(ContentNeed {
+                object: state.id,
+                name: state.name.0.clone(),
+                hash: state.hash,
+                size: state.size,
+                version: state.content_version,
+                light: light && from_delta,
+                from_delta,
+                base_ino: base.map(|i| i.ino),
+            });
+        }
         Ok(out)
     }
 
@@ -933,17 +1072,30 @@ impl FsCore {
         // makes them all durable in one journal commit, where an fdatasync each cost
         // a commit per file (a third of the applying daemon's CPU).
         let one_sync = staged.len() >= SYNCFS_FROM;
+        let mut linked: HashSet<&PathBuf> = HashSet::new();
         for s in staged {
             let path: PathBuf = dir.join(format!("{:016x}.new", s.ino));
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            write_sparse(&f, &s.content)?;
-            if !one_sync {
-                f.sync_data()?;
+            let _ = std::fs::remove_file(&path);
+            match &s.content {
+                NewContent::Bytes(content) => {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&path)?;
+                    write_sparse(&f, content)?;
+                    if !one_sync {
+                        f.sync_data()?;
+                    }
+                }
+                // Staged files were made durable when staged. A second file with the same
+                // content gets its own copy (two content files never share an inode).
+                NewContent::File(p) if linked.insert(p) => std::fs::hard_link(p, &path)?,
+                NewContent::File(p) => {
+                    std::fs::copy(p, &path)?;
+                    std::fs::File::open(&path)?.sync_data()?;
+                }
             }
             files.push(path);
         }

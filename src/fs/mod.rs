@@ -1095,9 +1095,21 @@ impl SyncGuard<'_> {
         a: &crate::engine::LocalApply,
         device: &str,
         now_ms: i64,
-        fetch: &mut apply::Fetcher<'_>,
+        staged: &apply::StagedContent,
     ) -> Result<apply::Applied, apply::ApplyError> {
-        self.core.apply_remote(a, device, now_ms, fetch)
+        self.core.apply_remote(a, device, now_ms, staged)
+    }
+
+    /// What `a` needs staged first (see [`apply`]).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn content_needs(
+        &self,
+        a: &crate::engine::LocalApply,
+        staged: &apply::StagedContent,
+    ) -> Result<Vec<apply::ContentNeed>, apply::ApplyError> {
+        self.core.content_needs(a, staged)
     }
 
     /// Whether applying `a` needs the delta bytes its light form lacks (files on demand).

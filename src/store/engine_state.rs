@@ -269,6 +269,13 @@ impl Store {
     pub fn staging_dir(&self) -> PathBuf {
         self.content_dir.join("staging")
     }
+
+    /// A folder for remote content fetched or built before an apply (phase one of
+    /// `fs::apply`), named by content hash; on the content files' file system, so a staged
+    /// file is linked into place.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.content_dir.join("incoming")
+    }
 }
 
 impl Batch<'_> {

@@ -8,6 +8,12 @@
 //!   file system's metadata lock, after every pending local change was sealed, in one write
 //!   batch with the engine's durable state (`crate::fs::apply`). Local transactions go to the
 //!   engine under the same lock before their outbox write commits ([`CommitSink`]).
+//! - No lock is held while the network is awaited (decision 0017). Before pulled
+//!   transactions are applied, the step is tried on a snapshot of the engine; the content
+//!   its applies need is staged on disk with no lock held ([`stage`]), then the step runs
+//!   for real and its applies only link staged files into place. An apply that still finds
+//!   content missing changes nothing: the engine is rebuilt from the store, the content is
+//!   staged, and the transaction is pulled again.
 //! - If the two ever disagree (an apply that cannot be executed, a commit that failed after
 //!   the engine accepted it), the engine is rebuilt from the store, which is always a
 //!   consistent state, and pulls again.
@@ -18,6 +24,7 @@
 
 mod notify;
 mod report;
+pub mod stage;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,7 +40,7 @@ use crate::changelog::{
 };
 use crate::client::{Client, ClientError, DeviceConfig};
 use crate::engine::{Action, Engine, EngineConfig, PersistedState, RequestId};
-use crate::fs::apply::{ApplyError, Invalidation};
+use crate::fs::apply::{ApplyError, ContentNeed, Invalidation, StagedContent};
 use crate::fs::capture::CommitSink;
 use crate::fs::FsCore;
 use crate::home::Home;
@@ -43,8 +50,11 @@ use crate::store::Store;
 const PULL_PAGE: usize = 500;
 /// How long one long poll waits on the server.
 const LONG_POLL: Duration = Duration::from_secs(25);
-/// How long a fetch during an apply may retry before the apply is abandoned.
-const FETCH_DEADLINE: Duration = Duration::from_secs(20);
+/// Times a pulled page is tried on a snapshot and its content staged before it is given up
+/// (and pulled again after the engine's back-off).
+const STAGE_ROUNDS: usize = 3;
+/// How long a device whose disk cannot hold a remote file waits before pulling it again.
+const SPACE_RETRY: Duration = Duration::from_secs(15);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -259,12 +269,19 @@ impl Syncer {
                         handle: rt.handle().clone(),
                         shared: Arc::clone(&shared),
                     }));
+                    stage::Stager {
+                        client: &client,
+                        store: &shared.store,
+                    }
+                    .clear();
                     let driver = Driver {
                         shared,
                         core,
                         client,
                         invalidate,
                         before_apply,
+                        staged: Mutex::new(StagedContent::new()),
+                        to_remove: Mutex::new(Vec::new()),
                     };
                     rt.block_on(driver.run());
                     // Tasks still running (an abandoned request, a name lookup on the
@@ -363,7 +380,14 @@ struct Driver {
     client: Client,
     invalidate: Invalidate,
     before_apply: Option<BeforeApply>,
+    /// Content staged for applies (phase one), by hash.
+    staged: Mutex<StagedContent>,
+    /// Replaced content files to remove once the lock is released.
+    to_remove: Mutex<Vec<std::path::PathBuf>>,
 }
+
+/// Applies whose content must be staged first, with what each needs.
+type Needs = Vec<(crate::engine::LocalApply, Vec<ContentNeed>)>;
 
 type InFlight = (RequestId, tokio::task::JoinHandle<Outcome>);
 
@@ -615,6 +639,17 @@ impl Driver {
     }
 }
 
+/// The ops building the new content of `object` in `a`.
+fn ops_of(a: &crate::engine::LocalApply, object: ObjectId) -> Option<Vec<&OpKind>> {
+    a.local_changes.iter().find_map(|c| match c {
+        crate::engine::LocalChange::Put {
+            state,
+            content: crate::engine::ContentSource::Ops(ops),
+        } if state.id == object => Some(ops.iter().collect()),
+        _ => None,
+    })
+}
+
 fn describe(e: &ClientError) -> String {
     match e.status() {
         Some(s) => format!("the server answered {s}: {e}"),
@@ -627,15 +662,27 @@ impl Driver {
     /// when `seal`), executes every apply the engine asks for, and returns the requests to
     /// start. Kernel caches are invalidated after the lock is released.
     async fn step(&self, seal: bool, f: impl FnOnce(&mut Engine)) -> Vec<Action> {
-        let (actions, invalidations) = tokio::task::block_in_place(|| {
+        self.step_with(seal, false, f).await
+    }
+
+    /// [`Driver::step`]; with `drop_staged`, staged content this step did not use is removed
+    /// (it was staged for this very step).
+    async fn step_with(
+        &self,
+        seal: bool,
+        drop_staged: bool,
+        f: impl FnOnce(&mut Engine),
+    ) -> Vec<Action> {
+        let (actions, invalidations, deferred) = tokio::task::block_in_place(|| {
             let guard = self.core.sync_lock(seal);
             let mut e = self.shared.engine.lock();
             f(&mut e);
             let mut net = Vec::new();
             let mut inval = Vec::new();
+            let mut deferred = Needs::new();
             while let Some(action) = e.poll_action() {
                 match action {
-                    Action::Apply(a) => self.execute(&guard, &mut e, &a, &mut inval),
+                    Action::Apply(a) => self.execute(&guard, &mut e, &a, &mut inval, &mut deferred),
                     other => net.push(other),
                 }
             }
@@ -644,13 +691,131 @@ impl Driver {
                 r.observe(&e);
                 r.fetched_bytes = self.core.fetched_bytes();
             }
-            (net, inval)
+            (net, inval, deferred)
         });
         if !invalidations.is_empty() {
             (self.invalidate)(&invalidations);
         }
+        for p in std::mem::take(&mut *self.to_remove.lock()) {
+            let _ = std::fs::remove_file(p);
+        }
+        if drop_staged {
+            for (_, f) in self.staged.lock().drain() {
+                let _ = std::fs::remove_file(&f.path);
+            }
+        }
+        if !deferred.is_empty() {
+            // The engine was rebuilt and pulls again: the content is here by then.
+            let _ = self.stage_all(deferred, &[]).await;
+        }
         self.save_report();
         actions
+    }
+
+    /// Tries `f` on a snapshot of the engine (under the lock, after sealing with `seal`) and
+    /// returns what the applies it asks for need staged; the engine itself is not changed.
+    fn needs_of(&self, seal: bool, f: impl FnOnce(&mut Engine)) -> Needs {
+        tokio::task::block_in_place(|| {
+            let guard = self.core.sync_lock(seal);
+            let mut dry = self.shared.engine.lock().clone();
+            f(&mut dry);
+            let staged = self.staged.lock();
+            let mut needs = Needs::new();
+            while let Some(action) = dry.poll_action() {
+                let Action::Apply(a) = action else { continue };
+                match guard.content_needs(&a, &staged) {
+                    Ok(n) if n.is_empty() => {}
+                    Ok(n) => needs.push((*a, n)),
+                    Err(err) => {
+                        tracing::warn!("listing the content change {} needs: {err}", a.cursor)
+                    }
+                }
+            }
+            needs
+        })
+    }
+
+    /// Phase one: stages every need, with no lock held. Updates the report. The delta bytes
+    /// of an apply come from `pulled` (the entries it was planned from, when its plan was
+    /// made on light copies), else from the apply itself, else from the server's log.
+    async fn stage_all(
+        &self,
+        list: Needs,
+        pulled: &[(u64, Transaction)],
+    ) -> Result<(), stage::StageError> {
+        let stager = stage::Stager {
+            client: &self.client,
+            store: &self.shared.store,
+        };
+        let mut result = Ok(());
+        'applies: for (a, needs) in list {
+            // A light pull left the delta bytes out: read them from the log entry.
+            let full = if needs.iter().any(|n| n.light) {
+                match self.with_delta_bytes(&a).await {
+                    Ok(f) => Some(f),
+                    Err(err) => {
+                        tracing::info!("reading change {} in full: {err}", a.cursor);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            for n in &needs {
+                if self.staged.lock().contains_key(&n.hash) {
+                    continue;
+                }
+                let entry = pulled.iter().find(|(s, _)| *s == a.cursor).map(|(_, t)| t);
+                let ops = match (n.from_delta, n.light, entry) {
+                    (false, _, _) => None,
+                    (true, true, _) => full.as_ref().and_then(|f| ops_of(f, n.object)),
+                    (true, false, Some(tx)) => Some(
+                        tx.ops
+                            .iter()
+                            .filter(|op| op.object == n.object)
+                            .filter(|op| {
+                                matches!(op.kind, OpKind::Write { .. } | OpKind::Truncate { .. })
+                            })
+                            .map(|op| &op.kind)
+                            .collect(),
+                    ),
+                    (true, false, None) => ops_of(&a, n.object),
+                };
+                let started = std::time::Instant::now();
+                match stager.stage(n, ops).await {
+                    Ok(file) => {
+                        tracing::debug!(
+                            "staged {:?} ({} bytes) in {:.1} ms",
+                            String::from_utf8_lossy(&n.name),
+                            n.size,
+                            started.elapsed().as_secs_f64() * 1e3
+                        );
+                        self.staged.lock().insert(n.hash, file);
+                    }
+                    Err(err) => {
+                        result = Err(err);
+                        break 'applies;
+                    }
+                }
+            }
+        }
+        {
+            let mut r = self.shared.report.lock();
+            match &result {
+                Ok(()) => r.waiting = None,
+                Err(err @ stage::StageError::NoSpace { .. }) => {
+                    tracing::warn!("{err}");
+                    r.waiting = Some(err.to_string());
+                    r.last_error = Some(err.to_string());
+                }
+                Err(err) => {
+                    tracing::warn!("{err}");
+                    r.last_error = Some(err.to_string());
+                }
+            }
+        }
+        self.save_report();
+        result
     }
 
     fn save_report(&self) {
@@ -666,45 +831,28 @@ impl Driver {
         e: &mut Engine,
         a: &crate::engine::LocalApply,
         inval: &mut Vec<Invalidation>,
+        deferred: &mut Needs,
     ) {
         let device = e.device().to_string();
-        let handle = tokio::runtime::Handle::current();
-        let client = &self.client;
-        let mut fetch = |id: crate::changelog::ObjectId, version: u64| {
-            let deadline = std::time::Instant::now() + FETCH_DEADLINE;
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match handle.block_on(client.content(&hex::encode(id.0), Some(version), None)) {
-                    Ok(b) => return Ok(b),
-                    Err(err)
-                        if std::time::Instant::now() < deadline
-                            && !err.status().is_some_and(|s| s.is_client_error()) =>
-                    {
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(Duration::from_secs(3));
-                    }
-                    Err(err) => return Err(describe(&err)),
-                }
-            }
-        };
         let started = std::time::Instant::now();
-        let full;
-        let a = if guard.on_demand() && guard.needs_delta_bytes(a) {
-            match handle.block_on(self.with_delta_bytes(a)) {
-                Ok(f) => {
-                    full = f;
-                    &full
-                }
-                Err(err) => {
-                    // The apply heals by fetching whole content instead.
-                    tracing::warn!("reading change {} in full: {err}", a.cursor);
-                    a
-                }
+        let staged = self.staged.lock();
+        match guard.content_needs(a, &staged) {
+            Ok(needs) if !needs.is_empty() => {
+                // Not staged (a heal, or an apply of a step that was not tried first): change
+                // nothing, stage it with no lock held, and let the engine pull it again.
+                tracing::info!(
+                    "remote change {} waits for {} file(s) of content to be staged",
+                    a.cursor,
+                    needs.len()
+                );
+                deferred.push((a.clone(), needs));
+                self.shared
+                    .recover(e, "an apply waits for content to be staged");
+                return;
             }
-        } else {
-            a
-        };
-        match guard.apply(a, &device, now_ms() as i64, &mut fetch) {
+            _ => {}
+        }
+        match guard.apply(a, &device, now_ms() as i64, &staged) {
             Ok(applied) => {
                 tracing::debug!(
                     "applied seq {} from {} ({} op(s), {} change(s)) in {:.2} ms",
@@ -715,6 +863,7 @@ impl Driver {
                     started.elapsed().as_secs_f64() * 1e3
                 );
                 inval.extend(applied.invalidations);
+                self.to_remove.lock().extend(applied.to_remove);
                 if !applied.conflicted.is_empty() {
                     let mut r = self.shared.report.lock();
                     let mut names = Vec::new();
@@ -747,15 +896,20 @@ impl Driver {
                     Some(format!("applying remote change {}: {err}", a.cursor));
                 self.shared.recover(e, "an apply failed");
                 // Give the disk or the network a moment before pulling it again.
-                e.handle_connectivity(now_ms(), false);
-                let shared = Arc::clone(&self.shared);
-                handle.spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    shared.engine.lock().handle_connectivity(now_ms(), true);
-                    shared.wake.notify_one();
-                });
+                self.pause(e, Duration::from_secs(5));
             }
         }
+    }
+
+    /// Keeps the engine offline for `d` (no request goes out), then online again.
+    fn pause(&self, e: &mut Engine, d: Duration) {
+        e.handle_connectivity(now_ms(), false);
+        let shared = Arc::clone(&self.shared);
+        tokio::runtime::Handle::current().spawn(async move {
+            tokio::time::sleep(d).await;
+            shared.engine.lock().handle_connectivity(now_ms(), true);
+            shared.wake.notify_one();
+        });
     }
 
     /// Feeds a request's outcome to the engine.
@@ -804,7 +958,7 @@ impl Driver {
                         last.0
                     );
                 }
-                self.step(seal, |e| {
+                let pulled = |e: &mut Engine, entries: Vec<(u64, Transaction)>| {
                     // Our own transactions coming back: the engine compares them with its
                     // outbox, which holds them without their bytes.
                     let mine: std::collections::HashSet<[u8; 16]> =
@@ -820,8 +974,40 @@ impl Driver {
                         })
                         .collect();
                     e.handle_pulled(now_ms(), request, entries, head)
-                })
-                .await
+                };
+                // Phase one: the content these entries need, staged with no lock held.
+                let mut rounds = 0;
+                while seal && rounds <= STAGE_ROUNDS {
+                    // The engine plans without delta bytes (hashes and sizes decide): the try
+                    // gets light copies, staging reads the bytes from `entries`.
+                    let needs = self.needs_of(seal, |e| {
+                        pulled(e, entries.iter().map(|(s, t)| (*s, strip(t))).collect())
+                    });
+                    if needs.is_empty() {
+                        break;
+                    }
+                    rounds += 1;
+                    let staged = if rounds > STAGE_ROUNDS {
+                        // Still missing after every round: the plan keeps changing.
+                        Ok(())
+                    } else {
+                        self.stage_all(needs, &entries).await
+                    };
+                    if rounds > STAGE_ROUNDS || staged.is_err() {
+                        let no_space = matches!(staged, Err(stage::StageError::NoSpace { .. }));
+                        // Pulled again after the engine's back-off; a disk too full to
+                        // receive waits longer (each try pulls the entries again).
+                        return self
+                            .step(false, |e| {
+                                e.handle_request_failed(now_ms(), request);
+                                if no_space {
+                                    self.pause(e, SPACE_RETRY);
+                                }
+                            })
+                            .await;
+                    }
+                }
+                self.step_with(seal, seal, |e| pulled(e, entries)).await
             }
             Outcome::Head(head) => {
                 self.step(false, |e| e.handle_long_poll(now_ms(), request, head))

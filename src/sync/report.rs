@@ -45,6 +45,10 @@ pub struct SyncReport {
     /// Files on demand: bytes of online-only content fetched since the mount started.
     #[serde(default)]
     pub fetched_bytes: u64,
+    /// Remote content that cannot be received yet and why (a file larger than the free
+    /// disk space); retried with back-off, cleared once it is received.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 impl SyncReport {

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod mix;
+pub mod proxy;
 pub mod replay;
 pub mod server;
 
