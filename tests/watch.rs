@@ -720,6 +720,28 @@ fn a_random_mix_in_a_watched_folder_ends_the_same_on_a_mount() {
     }
 }
 
+/// Folders that swapped nesting while the watcher was stopped (`mv a/b x; mv a x/a`): the
+/// store must never move a folder into one it still holds (the kernel refuses that on a
+/// mount; the reconciler's own renames went straight to the store and cut both folders and
+/// their content off from the root, seed 14 of the random mix).
+#[test]
+fn folders_that_swapped_nesting_while_stopped_end_the_same() {
+    let mut p = Pair::new(Watched::new());
+    fs::create_dir_all(p.w.p("a/b/c")).unwrap();
+    fs::write(p.w.p("a/b/c/f"), b"deep").unwrap();
+    fs::write(p.w.p("a/g"), b"in a").unwrap();
+    converge_names(&p, "a/b/c before", &[]);
+    p.w.stop();
+    fs::rename(p.w.p("a/b"), p.w.p("x")).unwrap();
+    fs::rename(p.w.p("a"), p.w.p("x/a")).unwrap();
+    fs::rename(p.w.p("x/c"), p.w.p("x/a/c")).unwrap();
+    p.w.start();
+    converge_names(&p, "after the nesting swapped", &[]);
+    assert_eq!(fs::read(p.m.path("x/a/c/f")).unwrap(), b"deep");
+    assert_eq!(fs::read(p.m.path("x/a/g")).unwrap(), b"in a");
+    assert!(!p.m.path("a").exists());
+}
+
 /// Replaces a file's content in place, as an editor saving without a temp file does.
 /// fusefat ignores O_TRUNC at open (the old tail would stay behind) and refuses a truncate
 /// that does not shrink, so a longer old content is cut after writing instead.
