@@ -685,8 +685,15 @@ fn converge_names(p: &Pair, what: &str, ops: &[String]) {
 /// The mix runs while the watcher is stopped, and the watcher's start finds it all (as after
 /// a restart or a long suspend), twice per seed: that is deterministic for a seed. With
 /// `DELTADRIVE_WATCH_MIX_LIVE=1` it runs under the running watcher instead, its passes
-/// interleaving with the operations; that finds more and is not deterministic (some seeds
-/// still fail live: see the issue notes), so it is run by hand.
+/// interleaving with the operations; that finds more and is not deterministic (live seed 11
+/// still fails now and then: a symlink's store name taken here by a new hard link between
+/// passes is written as `a (2)`), so it is run by hand:
+///
+/// ```text
+/// DELTADRIVE_NAMES_SEED=1..41 cargo test --test watch -- --test-threads 1 random_mix
+/// DELTADRIVE_WATCH_MIX_LIVE=1 DELTADRIVE_NAMES_SEED=1..21 cargo test --test watch -- \
+///   --test-threads 1 random_mix
+/// ```
 #[test]
 fn a_random_mix_in_a_watched_folder_ends_the_same_on_a_mount() {
     let live = std::env::var_os("DELTADRIVE_WATCH_MIX_LIVE").is_some();
@@ -718,6 +725,28 @@ fn a_random_mix_in_a_watched_folder_ends_the_same_on_a_mount() {
             converge_names(&p, &format!("seed {seed}, round {round}"), &mix.log);
         }
     }
+}
+
+/// Folders that swapped nesting while the watcher was stopped (`mv a/b x; mv a x/a`): the
+/// store must never move a folder into one it still holds (the kernel refuses that on a
+/// mount; the reconciler's own renames went straight to the store and cut both folders and
+/// their content off from the root, seed 14 of the random mix).
+#[test]
+fn folders_that_swapped_nesting_while_stopped_end_the_same() {
+    let mut p = Pair::new(Watched::new());
+    fs::create_dir_all(p.w.p("a/b/c")).unwrap();
+    fs::write(p.w.p("a/b/c/f"), b"deep").unwrap();
+    fs::write(p.w.p("a/g"), b"in a").unwrap();
+    converge_names(&p, "a/b/c before", &[]);
+    p.w.stop();
+    fs::rename(p.w.p("a/b"), p.w.p("x")).unwrap();
+    fs::rename(p.w.p("a"), p.w.p("x/a")).unwrap();
+    fs::rename(p.w.p("x/c"), p.w.p("x/a/c")).unwrap();
+    p.w.start();
+    converge_names(&p, "after the nesting swapped", &[]);
+    assert_eq!(fs::read(p.m.path("x/a/c/f")).unwrap(), b"deep");
+    assert_eq!(fs::read(p.m.path("x/a/g")).unwrap(), b"in a");
+    assert!(!p.m.path("a").exists());
 }
 
 /// Replaces a file's content in place, as an editor saving without a temp file does.

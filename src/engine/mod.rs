@@ -12,6 +12,7 @@
 
 pub mod names;
 mod rebase;
+mod refusal;
 pub mod tree;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -24,6 +25,7 @@ pub use names::{conflicted_copy_name, format_timestamp, SeededRng};
 pub use tree::{ObjectState, Tree, TreeError};
 
 use rebase::{rebase, Prior, RebaseInput};
+pub use refusal::{Refusal, SetAside, REFUSALS_BEFORE_ASIDE};
 
 /// How the engine behaves; chosen by the I/O side.
 #[derive(Clone, Debug)]
@@ -295,6 +297,10 @@ pub struct Engine {
     failures: u32,
     retry_at: Option<u64>,
     conflicts_without_progress: u32,
+    /// The next upload holds the head transaction alone (a batch was refused).
+    head_only: bool,
+    /// The head transaction refused alone with a clash, and how many times in a row.
+    refused: Option<([u8; 16], u32)>,
     last_apply: Option<LocalApply>,
     /// Ids of local transactions dropped by rebases.
     retired: HashSet<[u8; 16]>,
@@ -326,6 +332,8 @@ impl Engine {
             failures: 0,
             retry_at: None,
             conflicts_without_progress: 0,
+            head_only: false,
+            refused: None,
             last_apply: None,
             retired: HashSet::new(),
             awaiting_copies: HashSet::new(),
@@ -525,6 +533,8 @@ impl Engine {
         }
         self.failures = 0;
         self.conflicts_without_progress = 0;
+        self.head_only = false;
+        self.refused = None;
         let batch = self.unconfirmed.take().map(|(_, b)| b).unwrap_or_default();
         self.known_head = self.known_head.max(last_seq);
         let count = last_seq.saturating_sub(first_seq) + 1;
@@ -541,20 +551,11 @@ impl Engine {
         self.drive(now_ms);
     }
 
-    /// The server refused the upload with 409 (stale base versions, or a clash with its
-    /// tree): pull, rebase, retry.
+    /// The server refused the upload with 409 naming stale base versions: pull, rebase,
+    /// retry. (Other refusals: [`Engine::handle_upload_refused`].)
     pub fn handle_upload_conflict(&mut self, now_ms: u64, request: RequestId) {
-        self.tick(now_ms);
-        if !self.finish(request, Request::Upload) {
-            return;
-        }
-        self.unconfirmed = None;
-        self.need_pull = true;
-        self.conflicts_without_progress += 1;
-        if self.conflicts_without_progress > 2 {
-            self.back_off(now_ms);
-        }
-        self.drive(now_ms);
+        let aside = self.handle_upload_refused(now_ms, request, Refusal::Stale);
+        debug_assert!(aside.is_none());
     }
 
     /// A request failed without an answer (network, timeout, 5xx): retry after a backoff. An
@@ -659,7 +660,12 @@ impl Engine {
             });
         } else if let Some(first) = self.outbox.first() {
             let key = hex::encode(first.id);
-            let n = self.outbox.len().min(self.config.upload_batch.max(1));
+            let most = if self.head_only {
+                1
+            } else {
+                self.config.upload_batch.max(1)
+            };
+            let n = self.outbox.len().min(most);
             let batch: Vec<Transaction> = self.outbox[..n].to_vec();
             self.unconfirmed = Some((key.clone(), batch.clone()));
             let request = self.new_request(Request::Upload);

@@ -147,7 +147,7 @@ fn timespec(ns: i64) -> Timespec {
 }
 
 /// The engine's view of an object as the capture layer's previous state.
-fn prev_state(s: &engine::ObjectState, old: Option<&PrevState>) -> PrevState {
+pub(crate) fn prev_state(s: &engine::ObjectState, old: Option<&PrevState>) -> PrevState {
     PrevState {
         version: s.version,
         kind: sync_kind(&s.kind),

@@ -39,7 +39,7 @@ use crate::changelog::{
     decode_transaction, encode_changelog_checked, ChangeLog, ObjectId, OpKind, Transaction,
 };
 use crate::client::{Client, ClientError, DeviceConfig};
-use crate::engine::{Action, Engine, EngineConfig, PersistedState, RequestId};
+use crate::engine::{Action, Engine, EngineConfig, PersistedState, Refusal, RequestId};
 use crate::fs::apply::{ApplyError, ContentNeed, Invalidation, StagedContent};
 use crate::fs::capture::CommitSink;
 use crate::fs::FsCore;
@@ -365,7 +365,7 @@ enum Outcome {
         first: u64,
         last: u64,
     },
-    UploadConflict(String),
+    UploadRefused(Refusal),
     Pulled {
         entries: Vec<(u64, Transaction)>,
         head: u64,
@@ -484,10 +484,10 @@ impl Driver {
                             first: r.first_seq,
                             last: r.last_seq,
                         },
-                        Err(e) if e.status() == Some(reqwest::StatusCode::CONFLICT) => {
-                            Outcome::UploadConflict(e.to_string())
-                        }
-                        Err(e) => Outcome::Failed(describe(&e)),
+                        Err(e) => match refusal(&e) {
+                            Some(r) => Outcome::UploadRefused(r),
+                            None => Outcome::Failed(describe(&e)),
+                        },
                     }
                 });
                 (request, h)
@@ -648,6 +648,31 @@ fn ops_of(a: &crate::engine::LocalApply, object: ObjectId) -> Option<Vec<&OpKind
         } if state.id == object => Some(ops.iter().collect()),
         _ => None,
     })
+}
+
+/// How the server refused an append, if it did: a 409 is a stale base (it lists them) or a
+/// clash with its tree; 400, 413 and 422 say that this change log will never be taken as
+/// it is. Anything else (401, 429, 5xx, no answer) is a failure to retry.
+fn refusal(e: &ClientError) -> Option<Refusal> {
+    let ClientError::Api {
+        status,
+        message,
+        body,
+    } = e
+    else {
+        return None;
+    };
+    use reqwest::StatusCode as S;
+    match *status {
+        S::CONFLICT if body.as_ref().is_some_and(|b| b.get("stale").is_some()) => {
+            Some(Refusal::Stale)
+        }
+        S::CONFLICT => Some(Refusal::Conflict(message.clone())),
+        S::BAD_REQUEST | S::PAYLOAD_TOO_LARGE | S::UNPROCESSABLE_ENTITY => {
+            Some(Refusal::Final(format!("{status}: {message}")))
+        }
+        _ => None,
+    }
 }
 
 fn describe(e: &ClientError) -> String {
@@ -921,7 +946,7 @@ impl Driver {
             r.online = Some(online);
             match &outcome {
                 Outcome::Failed(msg) => r.last_error = Some(msg.clone()),
-                Outcome::UploadConflict(_) => {}
+                Outcome::UploadRefused(_) => {}
                 _ => r.last_error = None,
             }
             match &outcome {
@@ -934,6 +959,25 @@ impl Driver {
                 _ => {}
             }
         }
+        let settles = matches!(outcome, Outcome::Uploaded { .. } | Outcome::Pulled { .. });
+        let actions = self.answer(request, outcome).await;
+        if settles && self.core.capture().has_refused() {
+            // Changes the server refused before and has now (or that nothing is left of),
+            // judged under the metadata lock, where a seal is never halfway.
+            tokio::task::block_in_place(|| {
+                let _guard = self.core.sync_lock(false);
+                let e = self.shared.engine.lock();
+                self.core.capture().settle_refused(|o| {
+                    e.outbox()
+                        .iter()
+                        .any(|t| t.ops.iter().any(|op| op.object == *o))
+                });
+            });
+        }
+        actions
+    }
+
+    async fn answer(&self, request: RequestId, outcome: Outcome) -> Vec<Action> {
         match outcome {
             Outcome::Uploaded { first, last } => {
                 self.step(false, |e| {
@@ -941,10 +985,26 @@ impl Driver {
                 })
                 .await
             }
-            Outcome::UploadConflict(msg) => {
-                tracing::info!("upload refused as stale ({msg}); pulling and rebasing");
+            Outcome::UploadRefused(Refusal::Stale) => {
+                tracing::info!("upload refused as stale; pulling and rebasing");
                 self.step(false, |e| e.handle_upload_conflict(now_ms(), request))
                     .await
+            }
+            Outcome::UploadRefused(refusal) => {
+                tracing::info!("upload refused: {refusal:?}");
+                // Under the metadata lock: a refusal for good takes the head transaction out
+                // of the outbox, in the engine and in the store together.
+                self.step(false, |e| {
+                    let Some(aside) = e.handle_upload_refused(now_ms(), request, refusal) else {
+                        return;
+                    };
+                    let capture = self.core.capture();
+                    if let Err(err) = capture.set_aside_refused(self.core.store(), &aside) {
+                        self.shared
+                            .recover(e, &format!("setting a refused change aside: {err}"));
+                    }
+                })
+                .await
             }
             Outcome::Pulled { entries, head } => {
                 let seal = !entries.is_empty();

@@ -358,6 +358,10 @@ fn system_time(ns: i64) -> SystemTime {
 struct State {
     recs: HashMap<u64, Rec>,
     dirty: HashSet<u64>,
+    /// Folders whose move here this pass's import left to the next pass (their new folder
+    /// was still inside them in the store): the export leaves them and what they hold
+    /// alone until then, or it would write them back where the store still has them.
+    deferred: HashSet<u64>,
 }
 
 impl State {
@@ -464,6 +468,7 @@ impl Reconciler {
             state: Mutex::new(State {
                 recs,
                 dirty: HashSet::new(),
+                deferred: HashSet::new(),
             }),
             retry: AtomicBool::new(false),
         })
@@ -547,6 +552,7 @@ impl Reconciler {
     // ----- folder → store -----
 
     fn import(&self, st: &mut State) -> anyhow::Result<()> {
+        st.deferred.clear();
         let scan = scan(&self.root, self.caps.inos, self.caps.hash);
         // Which record each local inode belongs to. A record claims its inode only while an
         // entry of its kind has it: the inode of something deleted here is free for a new
@@ -672,6 +678,18 @@ impl Reconciler {
                     local_name.clone()
                 };
                 let noop = new_parent == from_parent && to_name == from_name;
+                if !noop && self.inside(s, new_parent)? {
+                    // Its new folder is still inside it in the store: the move of that
+                    // folder out of it (deeper, later in this pass) goes first.
+                    tracing::debug!(
+                        "watch: {} moves into a folder the store still has inside it; \
+                         after that folder's own move",
+                        path.display()
+                    );
+                    self.retry.store(true, Ordering::Relaxed);
+                    st.deferred.insert(s);
+                    continue;
+                }
                 let rename = || {
                     if noop {
                         return Ok(());
@@ -840,6 +858,29 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Whether store folder `dir` is `ino` or inside it: moving `ino` there would put a
+    /// folder inside itself. On a mount the kernel refuses such a rename before it reaches
+    /// the store; the reconciler's own renames must not make one either (a cycle cut off
+    /// from the root, whose content the store then loses and the engine refuses).
+    fn inside(&self, ino: u64, dir: u64) -> anyhow::Result<bool> {
+        let store = self.core.store();
+        let mut d = dir;
+        // Deeper than any real tree: a cycle already there counts as inside.
+        for _ in 0..100_000 {
+            if d == ino {
+                return Ok(true);
+            }
+            if d == ROOT_INO {
+                return Ok(false);
+            }
+            match store.get_inode(d)? {
+                Some(i) if i.kind == FileKind::Directory => d = i.parent,
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Frees the store name `name` in folder `parent`, held by object `o` that has no local
     /// entry under it (a new object from another device, or one deleted here but changed in
     /// the store since), for a new local entry of that name: `o` goes to a conflicted-copy
@@ -852,12 +893,31 @@ impl Reconciler {
         parent: u64,
         name: &[u8],
     ) -> anyhow::Result<bool> {
+        // Whether `name` is one of `o`'s further names (a hard link) rather than its own.
+        let further = match (st.recs.get(&o), self.live_inode(o)?) {
+            (Some(r), Some(i)) => store_name(r, &i) != (parent, name.to_vec()),
+            _ => false,
+        };
         if let Some(r) = st.recs.get(&o) {
-            let here = st.path(o).is_some_and(|p| {
-                scan.by_path
-                    .get(&p)
-                    .is_some_and(|l| l.ino == r.l_ino && kind_code(l.kind) == r.kind)
-            });
+            let here = if further {
+                // That name is here only if this folder's entry of that name is the file.
+                r.extra.iter().any(|e| {
+                    e.parent == parent
+                        && e.name == name
+                        && st.extra_path(e).is_some_and(|p| {
+                            scan.by_path.get(&p).is_some_and(|l| {
+                                kind_code(l.kind) == r.kind
+                                    && (l.ino == r.l_ino || l.ino == e.l_ino)
+                            })
+                        })
+                })
+            } else {
+                st.path(o).is_some_and(|p| {
+                    scan.by_path
+                        .get(&p)
+                        .is_some_and(|l| l.ino == r.l_ino && kind_code(l.kind) == r.kind)
+                })
+            };
             if here {
                 return Ok(false);
             }
@@ -882,7 +942,11 @@ impl Reconciler {
             String::from_utf8_lossy(name),
             String::from_utf8_lossy(&aside)
         );
-        if let Some(mut r) = st.recs.get(&o).cloned() {
+        if let (true, Some(mut r)) = (further, st.recs.get(&o).cloned()) {
+            // The export makes the file's new name here (and records it).
+            r.extra.retain(|e| !(e.parent == parent && e.name == name));
+            st.put(o, r);
+        } else if let Some(mut r) = st.recs.get(&o).cloned() {
             r.parent = parent;
             r.name = aside.clone();
             r.local = aside;
@@ -972,6 +1036,10 @@ impl Reconciler {
         }
         let (from_parent, from_name) = store_name(rec, inode);
         let (to_parent, to_name) = store_name(&trec, &tinode);
+        if self.inside(s, to_parent)? || self.inside(t, from_parent)? {
+            // One holds the other in the store: exchanging them would make a cycle.
+            return Ok(false);
+        }
         if self
             .core
             .do_rename(
@@ -1710,8 +1778,18 @@ impl Reconciler {
                 }
                 // Its own earlier link may be here already (a pass cut short).
                 let plain = abs_dir.join(OsStr::from_bytes(n));
+                // Where the folder holds every name as it is, a name taken here is taken by
+                // an entry made since this pass's import (a further name replaced by a
+                // folder between passes): the next import settles who has it. An adapted
+                // name would stay here while every other device has the store's.
+                let exact = !rules.restricted && !rules.fold_case;
                 let local = match local_of(&plain, self.caps.inos, false) {
                     Ok(l) if self.caps.links && l.ino == rec.l_ino => n.clone(),
+                    Ok(_) if exact => {
+                        self.retry.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(_) if exact => n.clone(),
                     _ => names::adapt(n, rules, &|k| taken.contains(k)),
                 };
                 let abs = abs_dir.join(OsStr::from_bytes(&local));
@@ -1783,6 +1861,9 @@ impl Reconciler {
             }
         }
         for c in &children {
+            if st.deferred.contains(&c.ino) {
+                continue;
+            }
             let Some(inode) = self.live_inode(c.ino)? else {
                 continue;
             };

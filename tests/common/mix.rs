@@ -207,8 +207,11 @@ impl Mix {
 
     fn step(&mut self) -> (String, std::io::Result<()>) {
         // The names there are now (what the other device's mix did included).
+        // A watcher's own temp files (written, then renamed over a name) are not the user's:
+        // writing into one while the watcher fills it is no user action.
         let names: Vec<(String, bool)> = walk(&self.root)
             .into_iter()
+            .filter(|(rel, _, _)| !rel.contains(".deltadrive-tmp-"))
             .map(|(rel, _, md)| (rel, md.is_dir()))
             .collect();
         let roll = self.rng.random_range(0..100);

@@ -225,6 +225,11 @@ impl TestServer {
         self.admin_token = token.trim().to_string();
     }
 
+    /// Replaces the extra command-line arguments of the next (re)start.
+    pub fn set_args(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Kills the server with SIGKILL and waits for it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
