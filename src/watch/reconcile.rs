@@ -1104,7 +1104,10 @@ impl Reconciler {
             return Ok(());
         };
         let links = self.caps.links;
-        let group: &[PathBuf] = if links && rec.kind != 1 {
+        // The local names of its inode, only while the record claims that inode: a number
+        // freed here (the file or symlink deleted) and taken at once by a new entry of
+        // another kind groups someone else's names, which must not become this object's.
+        let group: &[PathBuf] = if links && rec.kind != 1 && by_lino.get(&rec.l_ino) == Some(&s) {
             scan.group.get(&rec.l_ino).map_or(&[], Vec::as_slice)
         } else {
             &[]
