@@ -16,6 +16,25 @@ fn placeholder() -> Delta {
     Delta::Whole(Vec::new())
 }
 
+/// An op's kind without the bytes of its delta (hashes and size kept); other kinds as they
+/// are. Not cloned: the bytes may be large.
+pub fn strip_kind(kind: &OpKind) -> OpKind {
+    match kind {
+        OpKind::Write {
+            base_hash,
+            new_hash,
+            new_size,
+            ..
+        } => OpKind::Write {
+            base_hash: *base_hash,
+            new_hash: *new_hash,
+            new_size: *new_size,
+            delta: placeholder(),
+        },
+        other => other.clone(),
+    }
+}
+
 /// The transaction without the bytes of its deltas.
 pub fn strip(tx: &Transaction) -> Transaction {
     let ops = tx
@@ -25,21 +44,7 @@ pub fn strip(tx: &Transaction) -> Transaction {
             object: op.object,
             base_version: op.base_version,
             new_version: op.new_version,
-            kind: match &op.kind {
-                // Not cloned: the bytes may be large.
-                OpKind::Write {
-                    base_hash,
-                    new_hash,
-                    new_size,
-                    ..
-                } => OpKind::Write {
-                    base_hash: *base_hash,
-                    new_hash: *new_hash,
-                    new_size: *new_size,
-                    delta: placeholder(),
-                },
-                other => other.clone(),
-            },
+            kind: strip_kind(&op.kind),
         })
         .collect();
     Transaction {

@@ -197,24 +197,6 @@ impl LocalApply {
     /// The same apply without the delta bytes of its transaction and its ops (hashes and
     /// sizes kept): what the engine keeps to heal it, never tens of MiB.
     pub fn without_payloads(&self) -> LocalApply {
-        let strip_ops = |ops: &[OpKind]| -> Vec<OpKind> {
-            ops.iter()
-                .map(|k| match k {
-                    OpKind::Write {
-                        base_hash,
-                        new_hash,
-                        new_size,
-                        ..
-                    } => OpKind::Write {
-                        base_hash: *base_hash,
-                        new_hash: *new_hash,
-                        new_size: *new_size,
-                        delta: crate::changelog::Delta::Whole(Vec::new()),
-                    },
-                    other => other.clone(),
-                })
-                .collect()
-        };
         LocalApply {
             cursor: self.cursor,
             transaction: crate::changelog::payload::strip(&self.transaction),
@@ -229,7 +211,11 @@ impl LocalApply {
                         content: ContentSource::Ops(ops),
                     } => LocalChange::Put {
                         state: state.clone(),
-                        content: ContentSource::Ops(strip_ops(ops)),
+                        content: ContentSource::Ops(
+                            ops.iter()
+                                .map(crate::changelog::payload::strip_kind)
+                                .collect(),
+                        ),
                     },
                     other => other.clone(),
                 })

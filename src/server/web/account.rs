@@ -14,7 +14,7 @@ use axum::Form;
 use maud::html;
 use serde::Deserialize;
 
-use super::pages::{self, layout, Nav};
+use super::pages::{self, Nav};
 use super::seen::ONLINE_WITHIN;
 use super::{cookie_token, html, see_other, see_other_with, session_cookie, WebResult, WebUser};
 use crate::server::api::admin::revoke;
@@ -171,14 +171,12 @@ pub async fn devices(
             }
         }
     };
-    Ok(html(
+    Ok(u.page(
         StatusCode::OK,
-        layout(
-            "Devices",
-            Some((&u.user, csrf, Nav::Devices)),
-            q.notice.as_deref(),
-            body,
-        ),
+        "Devices",
+        Nav::Devices,
+        q.notice.as_deref(),
+        body,
     ))
 }
 
@@ -224,15 +222,7 @@ fn password_form(
             button type="submit" { "Change password" }
         }
     };
-    html(
-        status,
-        layout(
-            "Password",
-            Some((&u.user, csrf, Nav::Password)),
-            notice,
-            body,
-        ),
-    )
+    u.page(status, "Password", Nav::Password, notice, body)
 }
 
 /// `POST /web/password`: the old password is checked like a sign-in (same limits); every device

@@ -16,8 +16,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use maud::html;
 use serde::Deserialize;
 
-use super::pages::{self, layout, Nav};
-use super::{encode_query, html, see_other_with, WebError, WebResult, WebUser, WEB_DEVICE};
+use super::pages::{self, Nav};
+use super::{encode_query, see_other_with, WebError, WebResult, WebUser, WEB_DEVICE};
 use crate::changelog::limits::MAX_DELTA_LEN;
 use crate::changelog::{
     empty_hash, encode_changelog_checked, ChangeLog, Delta, Name, ObjectId, ObjectKind, Op, OpKind,
@@ -239,14 +239,12 @@ async fn folder_page(state: &AppState, u: &WebUser, id: ObjectId, q: PageQuery) 
             (object_actions(csrf, o, "folder"))
         }
     };
-    Ok(html(
+    Ok(u.page(
         StatusCode::OK,
-        layout(
-            &title,
-            Some((&u.user, csrf, Nav::Files)),
-            q.notice.as_deref(),
-            body,
-        ),
+        &title,
+        Nav::Files,
+        q.notice.as_deref(),
+        body,
     ))
 }
 
@@ -359,14 +357,12 @@ pub async fn file_page(
             (object_actions(csrf, o, "file"))
         }
     };
-    Ok(html(
+    Ok(u.page(
         StatusCode::OK,
-        layout(
-            &title,
-            Some((&u.user, csrf, Nav::Files)),
-            q.notice.as_deref(),
-            body,
-        ),
+        &title,
+        Nav::Files,
+        q.notice.as_deref(),
+        body,
     ))
 }
 

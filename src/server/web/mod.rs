@@ -139,6 +139,26 @@ pub struct WebUser {
 }
 
 impl WebUser {
+    /// A signed-in page: `body` in the frame with this user's navigation (`nav` current).
+    pub fn page(
+        &self,
+        status: StatusCode,
+        title: &str,
+        nav: pages::Nav,
+        notice: Option<&str>,
+        body: maud::Markup,
+    ) -> Response {
+        html(
+            status,
+            pages::layout(
+                title,
+                Some((&self.user, &self.session.csrf, nav)),
+                notice,
+                body,
+            ),
+        )
+    }
+
     /// Checks the CSRF token a form posted.
     ///
     /// # Errors

@@ -161,15 +161,7 @@ pub async fn create(
         input #share-url .wide type="text" readonly value=(link);
         p { a href={"/web/file/" (id)} { "Back" } }
     };
-    Ok(html(
-        StatusCode::OK,
-        layout(
-            "Share link",
-            Some((&u.user, &u.session.csrf, Nav::Shares)),
-            None,
-            body,
-        ),
-    ))
+    Ok(u.page(StatusCode::OK, "Share link", Nav::Shares, None, body))
 }
 
 /// `GET /web/shares`: the user's links.
@@ -221,14 +213,12 @@ pub async fn list(u: WebUser, State(state): State<AppState>, q: Query<NoticeQuer
             }
         }
     };
-    Ok(html(
+    Ok(u.page(
         StatusCode::OK,
-        layout(
-            "Links",
-            Some((&u.user, csrf, Nav::Shares)),
-            q.notice.as_deref(),
-            body,
-        ),
+        "Links",
+        Nav::Shares,
+        q.notice.as_deref(),
+        body,
     ))
 }
 
